@@ -42,6 +42,8 @@ class Param:
         ``"voxels"``, ``"um"``, ``"iterations"``, ... (shown in ``--describe``).
     path : bool
         A file path: relative values resolve against the pipeline file's folder.
+    exists : bool
+        An input file that must exist (checked when the pipeline is validated; empty = not given).
     allow : tuple, optional
         Extra special values accepted besides the range (e.g. ``-1`` meaning "automatic").
     """
@@ -55,6 +57,7 @@ class Param:
     choices: tuple[str, ...] | None = None
     unit: str | None = None
     path: bool = False
+    exists: bool = False
     allow: tuple = ()
 
     def __post_init__(self):
