@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import import_module
 from typing import Any, ClassVar, Sequence
@@ -85,6 +86,16 @@ class Context:
         if max_threads and max_threads > 0:
             n = min(n, max_threads)
         return max(1, n)
+
+
+def resolve_relative(value: str, base_dir: str) -> str:
+    """``value`` relative to ``base_dir``; absolute paths (POSIX, ``~``, Windows ``D:/``) unchanged."""
+    if not value:
+        return value
+    value = os.path.expanduser(value)
+    if os.path.isabs(value) or re.match(r"^[A-Za-z]:[/\\\\]", value):
+        return value
+    return os.path.normpath(os.path.join(base_dir, value))
 
 
 class Filter:
@@ -171,12 +182,7 @@ class Filter:
 
     def resolve_path(self, value: str) -> str:
         """A path parameter relative to the pipeline file's folder (absolute paths unchanged)."""
-        if not value:
-            return value
-        value = os.path.expanduser(value)
-        if os.path.isabs(value):
-            return value
-        return os.path.normpath(os.path.join(self.ctx.base_dir, value))
+        return resolve_relative(value, self.ctx.base_dir)
 
     def threads(self) -> int:
         return self.ctx.thread_count(self.p.get("MaxThreads", -1))
