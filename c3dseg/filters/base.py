@@ -98,7 +98,7 @@ def resolve_relative(value: str, base_dir: str) -> str:
     return os.path.normpath(os.path.join(base_dir, value))
 
 
-class Filter:
+class Filter:  # noqa: D101 - documented below
     """Base class of all filters.  Subclasses set the class attributes and implement :meth:`run`.
 
     Class attributes
@@ -122,6 +122,11 @@ class Filter:
     params: ClassVar[tuple[Param, ...]] = ()
     is_reader: ClassVar[bool] = False
     is_writer: ClassVar[bool] = False
+    #: How the filter can be cut into blocks for volumes larger than memory (issue: Dask runner):
+    #: "pointwise" (each voxel alone), "local" (needs a halo: see :meth:`halo`), "global" (needs a
+    #: reduction across blocks; the filter provides its own blockwise implementation), or None
+    #: (cannot be cut: the blockwise runner refuses the pipeline with a clear message).
+    blockwise: ClassVar[str | None] = None
 
     def __init__(self, params: dict[str, Any] | None = None, context: Context | None = None):
         self.ctx = context or Context()
@@ -186,6 +191,10 @@ class Filter:
 
     def threads(self) -> int:
         return self.ctx.thread_count(self.p.get("MaxThreads", -1))
+
+    def halo(self, spacing=(1.0, 1.0, 1.0)) -> tuple[int, int, int]:
+        """Context in voxels (z, y, x) a ``"local"`` filter needs around a block, from its parameters."""
+        return (0, 0, 0)
 
     # -- the work -----------------------------------------------------------------------------
     def run(self, images: list[Image], metas: list[MetaTable]) -> tuple[list[Image], list[MetaTable]]:
