@@ -833,7 +833,8 @@ def _write_sitk(target: str, data: np.ndarray, spacing, compression: bool) -> No
 def to_precision(image: Image, precision: int) -> Image:
     """Convert an image to XPIWIT's result ``Precision``: 8 -> uint8, 16 -> uint16, 32 -> float32.
 
-    - Label images (``meta["is_label"]``) keep their values whatever the precision: uint16, or
+    - Label images (``meta["is_label"]``, and non-negative integer images wider than 16 bits,
+      the types label images come in) keep their values whatever the precision: uint16, or
       uint32 with a warning past 65535 (never wrapped, never rescaled).
     - Other integer (and bool) images keep their values when they fit the target type; when they
       do not (e.g. uint16 values above 255 at precision 8, or negative values) they are min-max
@@ -855,7 +856,9 @@ def to_precision(image: Image, precision: int) -> Image:
     if precision not in (8, 16, 32):
         raise ValueError(f"precision must be 8, 16 or 32, got {precision!r}")
     data = np.asarray(image.data)
-    if image.meta.get("is_label", False):
+    wide_int = data.dtype.kind in "iu" and data.dtype.itemsize > 2 and data.size \
+        and data.min() >= 0
+    if image.meta.get("is_label", False) or wide_int:
         return image.derive(label_array(data, path=image.meta.get("source")), precision=precision)
     if precision == 32:
         return image.derive(data.astype(np.float32, copy=False), precision=precision)
