@@ -45,6 +45,7 @@ BUILTIN_MODULES = (
     "c3dseg.filters.io",
     "c3dseg.filters.intensity",
     "c3dseg.filters.morphology",
+    "c3dseg.filters.channels",
     "c3dseg.filters.flows",
     "c3dseg.filters.instances",
     "c3dseg.filters.network",
