@@ -520,3 +520,35 @@ def test_errors_are_c3d_errors_with_one_line(tmp_path):
         with pytest.raises(C3DError) as ei:
             call()
         assert "\n" not in str(ei.value)
+
+
+# ------------------------------------------------------------------ through the runner ---------
+
+def test_reader_filters_writer_through_c3d_run(tmp_path, monkeypatch):
+    from c3dseg.runner.cli import main
+    from pipeline_kit import item, pipeline_xml
+
+    mem = np.full((6, 12, 12), 200, np.uint16)
+    mem[1:5, 2:6, 2:6] = 10     # 64 voxels
+    mem[1:3, 8:10, 8:10] = 10   # 8 voxels: rejected
+    src = write_image(tmp_path / "mem.tif", Image(mem, SPACING))
+    xml = pipeline_xml(
+        item("item_0001", "ImageReader", [("cmd", 0)], params={"SpacingX": 1, "SpacingY": 1, "SpacingZ": 1}),
+        item("item_0002", "RescaleIntensityImageFilter", [("item_0001", 1)]),
+        item("item_0003", "BinaryThresholdImageFilter", [("item_0002", 1)],
+             params={"LowerThreshold": 0, "UpperThreshold": 0.5}),
+        item("item_0004", "VolumeBasedRegionRejectionFilter", [("item_0003", 1)],
+             params={"LabelOutput": 1, "MinimumVolume": 20}),
+        item("item_0005", "RegionPropertiesFilter", [("item_0004", 1)],
+             outputs=(("image", 1), ("meta", 1)), params={"WriteResult": 1}),
+        item("item_0006", "ImageWriter", [("item_0004", 1)], outputs=(),
+             params={"FileName": "labels.tif"}),
+    )
+    (tmp_path / "p.xml").write_bytes(xml)
+    assert main([str(tmp_path / "p.xml"), "-i", src, "-o", str(tmp_path / "out"), "-q"]) == 0
+    labels = read_image(tmp_path / "labels.tif")  # FileName relative to the pipeline's folder
+    assert labels.data.dtype == np.uint16 and labels.data.max() == 1
+    assert labels.spacing == pytest.approx(SPACING)
+    [csv] = list((tmp_path / "out" / "item_0005_RegionPropertiesFilter").glob("mem_*.csv"))
+    rows = csv.read_text().splitlines()
+    assert rows[0].startswith("label;volume;") and rows[1].startswith("1;64;")
