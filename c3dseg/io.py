@@ -21,7 +21,9 @@ extension                 library     spacing (z, y, x) in micrometres comes fro
 Arrays are ``(Z, Y, X)`` for a single-channel file and ``(C, Z, Y, X)`` for a multi-channel one.
 Spacing numbers read from SimpleITK formats are taken as micrometres (the microscopy convention:
 ITK calls them millimetres, and c3dseg writes micrometre values there).  A file whose spacing is
-missing or exactly (1, 1, 1) is *uncalibrated*: ``meta["spacing_from_file"]`` is False.
+missing or exactly (1, 1, 1) is *uncalibrated*: ``meta["spacing_from_file"]`` is False, and
+``meta["spacing_known"]`` says per axis (z, y, x) whether the file gave a value (an ImageJ file
+without ``spacing=`` has an unknown z).
 
 Writing is atomic: the file is written into a hidden temporary folder beside the target and moved
 into place with :func:`os.replace` once complete, so a failure (disk full included) never leaves a
@@ -157,7 +159,8 @@ def read_image(path: str | os.PathLike, *, channel: int | None = None,
         ``data`` as stored in the file (dtype unchanged), ``spacing`` (z, y, x) in um, and
         ``meta`` with ``source`` (absolute path), ``basename`` (name without image extensions),
         ``dtype``, ``unit`` (``"um"``), ``file_unit`` (as found in the file, or None),
-        ``spacing_from_file`` (False when the file is uncalibrated), ``format``,
+        ``spacing_from_file`` (False when the file is uncalibrated), ``spacing_known`` (per axis
+        z, y, x), ``file_spacing``, ``format``,
         ``channel_names`` (list or None) and ``channel`` (the channel picked, or None).
 
     Raises
@@ -218,9 +221,11 @@ def read_image(path: str | os.PathLike, *, channel: int | None = None,
             raise InputError(f"the image contains {bad} non-finite value{'s' if bad > 1 else ''} "
                              "(NaN or inf)", file=path)
 
-    file_spacing = tuple(float(s) if (s is not None and s > 0) else 1.0 for s in (sp or (None,) * 3))
-    calibrated = bool(sp is not None and any(s is not None and s > 0 for s in sp)
-                      and not all(abs(s - 1.0) < 1e-12 for s in file_spacing))
+    sp = list(sp) if sp is not None else [None] * 3
+    file_spacing = tuple(float(s) if (s is not None and s > 0) else 1.0 for s in sp)
+    known = [s is not None and s > 0 for s in sp]
+    if all(abs(s - 1.0) < 1e-12 for s in file_spacing):
+        known = [False] * 3  # 1/1/1 is every writer's default: treat as uncalibrated
     out_spacing = list(file_spacing)
     if spacing is not None:
         spacing = tuple(spacing)
@@ -235,7 +240,8 @@ def read_image(path: str | os.PathLike, *, channel: int | None = None,
         "dtype": str(data.dtype),
         "unit": "um",
         "file_unit": unit,
-        "spacing_from_file": calibrated,
+        "spacing_from_file": any(known),
+        "spacing_known": tuple(known),
         "file_spacing": file_spacing,
         "format": kind,
         "channel_names": list(names) if (names is not None and has_c) else None,
@@ -334,8 +340,9 @@ def read_series(pattern: str, first: int = 0, last: int = 499, increment: int = 
     base = strip_image_extension(base[: m.start()] + base[m.end():]) if m else strip_image_extension(base)
     base = base.rstrip("_-. ") or "series"
     meta = dict(first_img.meta)
+    known = (False,) + tuple(first_img.meta.get("spacing_known", (False,) * 3)[1:])
     meta.update(source=os.path.abspath(pattern), basename=base, series_files=len(names),
-                spacing_from_file=first_img.meta.get("spacing_from_file", False) and spacing is not None)
+                spacing_known=known, spacing_from_file=any(known))
     return Image(stack, tuple(sp), meta)
 
 

@@ -552,3 +552,17 @@ def test_reader_filters_writer_through_c3d_run(tmp_path, monkeypatch):
     [csv] = list((tmp_path / "out" / "item_0005_RegionPropertiesFilter").glob("mem_*.csv"))
     rows = csv.read_text().splitlines()
     assert rows[0].startswith("label;volume;") and rows[1].startswith("1;64;")
+
+
+def test_image_reader_spacing_per_axis(tmp_path):
+    p = tmp_path / "xy_only.tif"  # ImageJ calibration without z spacing
+    tifffile.imwrite(p, _vol(), imagej=True, resolution=(1 / 0.4, 1 / 0.3),
+                     metadata={"unit": "um", "axes": "ZYX"})
+    img = read_image(p)
+    assert img.meta["spacing_known"] == (False, True, True)
+    [img], _ = ImageReader({"SpacingX": "1", "SpacingY": "1", "SpacingZ": "2.5"}).run([str(p)], [])
+    assert img.spacing == pytest.approx((2.5, 0.3, 0.4))
+    _write_series(tmp_path, 2)
+    [img], _ = ImageReader({"UseSeriesReader": "1", "SpacingX": "1", "SpacingY": "1", "SpacingZ": "3",
+                            "KeepDataType": "1"}).run([str(tmp_path / "cells_t%03d.tif")], [])
+    assert img.spacing == pytest.approx((3.0, 0.5, 0.5))

@@ -27,9 +27,9 @@ class ImageReader(Filter):
     """XPIWIT's ImageReader.
 
     Spacing: SpacingX/Y/Z <= 0 (the default -1) take the file's spacing.  A value > 0 is used
-    when the file is uncalibrated (no spacing, or exactly 1/1/1: XPIWIT's pipelines carry
-    ``Spacing*=1`` by default, which must not override a calibrated file), or always with
-    ``OverrideSpacing=1``.
+    for an axis the file does not calibrate (no spacing, a file at exactly 1/1/1, z of an ImageJ
+    file without ``spacing=``, z of a 2D series), or always with ``OverrideSpacing=1``.  So
+    XPIWIT's pipelines, which carry ``Spacing*=1`` by default, never override a calibrated file.
 
     Intensities: XPIWIT maps [InputMinimumValue, InputMaximumValue] linearly onto [0, 1] and
     returns float32; -1 means "detect" (the image's minimum or maximum; per channel for a
@@ -107,10 +107,12 @@ class ImageReader(Filter):
 
     def _spacing(self, img: Image) -> tuple[float, float, float]:
         given = (self.p["SpacingZ"], self.p["SpacingY"], self.p["SpacingX"])
-        use = self.p["OverrideSpacing"] or not img.meta.get("spacing_from_file", False)
-        if not use:
-            return img.spacing
-        return tuple(g if g > 0 else s for g, s in zip(given, img.spacing))
+        known = img.meta.get("spacing_known")
+        if known is None:
+            known = (bool(img.meta.get("spacing_from_file", False)),) * 3
+        override = self.p["OverrideSpacing"]
+        return tuple(g if (g > 0 and (override or not k)) else s
+                     for g, s, k in zip(given, img.spacing, known))
 
     def _map_intensities(self, data: np.ndarray) -> np.ndarray:
         lo, hi = self.p["InputMinimumValue"], self.p["InputMaximumValue"]
