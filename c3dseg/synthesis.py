@@ -134,13 +134,13 @@ TRAIN_RANGES: dict[str, Any] = {
     "layer_wall_gain": {"uniform": [0.6, 1.5]},       # brightness of the periclinal layer walls
     "wall_contrast_cv": {"uniform": [0.0, 0.5]},      # log-normal sigma of per-wall brightness
     "faint_wall_fraction": {"uniform": [0.0, 0.25]},  # walls at 0-15 % brightness
-    "wall_texture": {"uniform": [0.0, 0.6]},          # patchiness along walls
+    "wall_texture": {"uniform": [0.0, 0.5]},          # patchiness along walls
     "haze": {"uniform": [0.0, 0.35]},                 # cytoplasm level, x wall peak
     "background": {"uniform": [0.0, 0.1]},            # outside the tissue, x wall peak
     "speck_density": {"uniform": [0.0, 0.3]},         # bright specks per cell (3/4 inside the tissue)
     "speck_brightness": {"uniform": [0.5, 3.0]},      # x wall peak
     "depth_decay": {"uniform": [0.0, 1.8]},           # log intensity lost through the tissue depth of the volume
-    "illumination": {"uniform": [0.0, 0.5]},          # amplitude of a smooth illumination field
+    "illumination": {"uniform": [0.0, 0.35]},         # amplitude of a smooth illumination field
     "photons": {"loguniform": [4.0, 400.0]},          # expected photons at a wall peak
     "read_noise": {"uniform": [0.0, 6.0]},            # photons
     "offset": {"uniform": [0.0, 120.0]},              # camera offset, counts
@@ -161,7 +161,7 @@ OOD_SHIFTS: dict[str, Any] = {
     "wall_curvature": {"uniform": [0.4, 0.55]},
     "size_cv": {"uniform": [0.45, 0.6]},
     "depth_decay": {"uniform": [2.2, 3.0]},
-    "illumination": {"uniform": [0.6, 0.8]},
+    "illumination": {"uniform": [0.5, 0.7]},
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
