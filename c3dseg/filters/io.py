@@ -68,6 +68,9 @@ class ImageReader(Filter):
               min=0, allow=(-1,)),
         Param("KeepDataType", "bool", False,
               "1: return the data as stored (no mapping onto [0, 1]), e.g. for label images."),
+        Param("DefaultInput", "string", "",
+              "File read when the command line gives no input for this reader (c3dseg extension; relative to "
+              "the pipeline's folder), e.g. the bundled sample stack.", path=True),
     )
 
     @classmethod

@@ -19,7 +19,8 @@ from importlib import resources
 
 from .. import __version__
 from ..errors import C3DError, PipelineError
-from .executor import RunOptions, Target, execute, plan_outputs, strip_ext
+from ..io import strip_image_extension
+from .executor import RunOptions, Target, execute, plan_outputs
 from .pipeline import Pipeline
 from .plan import build_plan, suggest
 
@@ -148,7 +149,7 @@ def find_pipeline(name: str) -> str:
             path = os.path.join(base, cand)
             if os.path.isfile(path):
                 return path
-        shipped = sorted(strip_ext(f) for f in os.listdir(base) if f.endswith(".xml")) if os.path.isdir(base) else []
+        shipped = sorted(strip_image_extension(f) for f in os.listdir(base) if f.endswith(".xml")) if os.path.isdir(base) else []
         raise ArgError(f"pipeline {name!r} not found (not a file, not a shipped pipeline; shipped: "
                        f"{', '.join(shipped) or 'none'}){suggest(name, shipped)}")
     raise ArgError(f"pipeline file not found: {name}")

@@ -27,15 +27,7 @@ from .plan import Plan, Step
 
 log = logging.getLogger("c3dseg")
 
-IMAGE_EXTS = (".ome.tiff", ".ome.tif", ".nii.gz", ".tiff", ".tif", ".nrrd", ".nii", ".mha", ".mhd", ".zarr")
-
-
-def strip_ext(name: str) -> str:
-    low = name.lower()
-    for ext in IMAGE_EXTS:
-        if low.endswith(ext):
-            return name[: -len(ext)]
-    return os.path.splitext(name)[0]
+from ..io import image_format, strip_image_extension
 
 
 @dataclass
@@ -51,8 +43,7 @@ class Target:
             return cls(default_dir, False)
         if path.endswith(("/", os.sep)) or os.path.isdir(path):
             return cls(path.rstrip("/\\") or "/", False)
-        low = path.lower()
-        if any(low.endswith(e) for e in IMAGE_EXTS):
+        if image_format(path) is not None:
             return cls(path, True)
         return cls(path, False)
 
@@ -80,7 +71,7 @@ def basename_for(inputs: dict[int, str]) -> str:
     if not inputs:
         return "result"
     first = inputs[min(inputs)]
-    return strip_ext(os.path.basename(os.path.normpath(first)))
+    return strip_image_extension(os.path.normpath(first))
 
 
 def plan_outputs(plan: Plan, inputs: dict[int, str], target: Target) -> list[Planned]:
@@ -148,7 +139,7 @@ def execute(plan: Plan, inputs: dict[int, str], target: Target, opts: RunOptions
             raise PipelineError(f"output {p.path} is an input of this run; refusing to overwrite it",
                                 file=plan.pipeline.name, item=p.item_id)
 
-    from ..io import write_image, write_table, to_precision  # imported here: I/O only when running
+    from ..io import to_precision, write_image, write_table
 
     results: dict[tuple[str, str, int], Any] = {}
     remaining = dict(plan.consumers)

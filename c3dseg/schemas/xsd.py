@@ -143,8 +143,9 @@ def build_xsd(version: str = "1.0") -> etree._ElementTree:
             elif choices:
                 rr = _el(st, "restriction", base="xs:string")
                 _el(rr, "pattern", value="|".join(_ci(c) for c in choices))
-            else:
-                _el(st, "restriction", base=base)
+            else:  # a restriction of the base's xs:string value, so by pattern
+                rr = _el(st, "restriction", base="xs:string")
+                _el(rr, "pattern", value=_NUMBER_PATTERNS[base])
 
     st = _el(root, "simpleType", name="ParamKey")
     r = _el(st, "restriction", base="xs:string")
@@ -159,6 +160,13 @@ def build_xsd(version: str = "1.0") -> etree._ElementTree:
     _el(r, "minInclusive", value="0")
     _el(r, "maxInclusive", value="3")
     return root.getroottree()
+
+
+_NUMBER_PATTERNS = {
+    "xs:integer": r"\s*[+\-]?[0-9]+\s*",
+    "xs:double": r"\s*[+\-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+\-]?[0-9]+)?\s*",
+    "xs:string": r".*",
+}
 
 
 def _param_type_name(key: str) -> str:
