@@ -21,6 +21,7 @@ class ChannelSplitter(Filter):
     name = "ChannelSplitter"
     description = "Splits a multi-channel image into its channels (outputs 1..4 = channels 1..4)."
     category = "ImageFilter"
+    blockwise = "pointwise"
     inputs = (Port("image", "image", "Multi-channel (C, Z, Y, X) image (a 3D image is channel 1)"),)
     outputs = tuple(Port("image", f"channel{k}", f"Channel {k}") for k in range(1, _MAX + 1))
 
@@ -50,6 +51,7 @@ class ChannelMerger(Filter):
     name = "ChannelMerger"
     description = "Merges up to four images into one multi-channel image."
     category = "ImageFilter"
+    blockwise = "pointwise"
     inputs = (Port("image", "channel1", "Channel 1"),) + tuple(
         Port("image", f"channel{k}", f"Channel {k}", optional=True) for k in range(2, _MAX + 1))
     outputs = (Port("image", "image", "Multi-channel (C, Z, Y, X) image"),)

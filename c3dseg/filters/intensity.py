@@ -26,6 +26,7 @@ class RescaleIntensityImageFilter(Filter):
                    "types")
     category = "ImageFilter"
     inputs, outputs = _IN, _OUT
+    blockwise = "global"  # min/max over the volume (c3dseg.blockwise.globals)
 
     def run(self, images, metas):
         img = images[0]
@@ -40,6 +41,7 @@ class IntensityWindowingImageFilter(Filter):
                    "values outside the window saturate (ITK semantics). float32 output.")
     category = "ImageFilter"
     inputs, outputs = _IN, _OUT
+    blockwise = "pointwise"
     params = (
         Param("WindowMinimum", "double", 0.0, "Lower end of the input window."),
         Param("WindowMaximum", "double", 1.0, "Upper end of the input window."),
@@ -68,6 +70,7 @@ class BinaryThresholdImageFilter(Filter):
                    "elsewhere (uint8 when both values are integers in [0, 255], else float32).")
     category = "ImageFilter"
     inputs, outputs = _IN, _OUT
+    blockwise = "pointwise"
     params = (
         Param("LowerThreshold", "double", 0.5, "Lower threshold (inclusive)."),
         Param("UpperThreshold", "double", 1.0, "Upper threshold (inclusive)."),
@@ -110,6 +113,17 @@ class DiscreteGaussianImageFilter(Filter):
               "1: Variance is in physical units (um^2), divided per axis by the spacing squared."),
     )
 
+    blockwise = "local"
+
+    def halo(self, spacing=(1.0, 1.0, 1.0)):
+        """The kernel's one-sided width per axis (voxels), for blockwise runs."""
+        out = []
+        for s in spacing:
+            v = self.p["Variance"] / (s * s) if self.p["UseImageSpacing"] else self.p["Variance"]
+            k = alg.discrete_gaussian_kernel(v, self.p["MaximumError"], self.p["MaximumKernelWidth"]) if v > 0 else [0]
+            out.append((len(k) - 1) // 2)
+        return tuple(out)
+
     def run(self, images, metas):
         img = images[0]
         spacing = img.spacing if self.p["UseImageSpacing"] else None
@@ -126,6 +140,7 @@ class PercentileNormalization(Filter):
                    "(the reference code's 2/98 % scaling, per image and per channel). float32 output.")
     category = "ImageFilter"
     inputs, outputs = _IN, _OUT
+    blockwise = "global"  # percentiles over the volume (c3dseg.blockwise.globals)
     params = (
         Param("LowerPercentile", "double", 2.0, "Percentile mapped to 0.", min=0.0, max=100.0),
         Param("UpperPercentile", "double", 98.0, "Percentile mapped to 1.", min=0.0, max=100.0),

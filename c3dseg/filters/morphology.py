@@ -45,6 +45,7 @@ class VolumeBasedRegionRejectionFilter(Filter):
     description = ("Removes regions whose volume (voxels) is below MinimumVolume or above "
                    "MaximumVolume; binary or label output.")
     category = "Other"
+    blockwise = "global"  # connected components / volumes across blocks (c3dseg.blockwise.globals)
     inputs = (Port("image", "image", "Binary mask (BinaryInput=1) or label image"),)
     outputs = (Port("image", "image", "Mask of the kept regions (uint8 0/1), or their labels 1..n"),)
     params = (

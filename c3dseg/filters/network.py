@@ -49,6 +49,16 @@ def _patch_params(depth: int, height: int, width: int, stride: float, stride_tex
 class _PredictorMixin:
     """Shared set-up of the predictor filters."""
 
+    #: blockwise runs: input percentiles over the whole volume, then the model on each block grown
+    #: by its halo (c3dseg.blockwise.globals)
+    blockwise = "global"
+
+    def halo(self, spacing=(1.0, 1.0, 1.0)):
+        """Context around a block: the tile overlap (>= 16 voxels, a multiple of 8)."""
+        from ..blockwise.globals import network_halo
+
+        return network_halo(self.p)
+
     def _network(self) -> OnnxNetwork:
         path = self.resolve_path(self.p["ModelPath"])
         if not path:
@@ -156,6 +166,7 @@ class TileMerger(Filter):
     description = ("Blends an OnnxModel's tiles into whole images with weights that fade towards shared tile "
                    "borders: foreground, flow z, flow y, flow x (float32).")
     category = "Network"
+    blockwise = "pointwise"
     inputs = (Port("image", "tiles", "Tile stream of an OnnxModel (or a 4-channel prediction image)"),)
     outputs = _OUT_PORTS
     params = (
