@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="XSD 1.0 (default) or 1.1 (adds per-filter parameter keys and value types)")
     p.add_argument("--catalog", metavar="FILE.xml", help="write every filter as a ready-to-paste <item> and exit")
     p.add_argument("--version", action="version", version=f"c3dseg {__version__}")
+    from ..blockwise.cli import add_blockwise_arguments  # --blocks, --workers, --scheduler, --memory-limit
+
+    add_blockwise_arguments(p)
     return p
 
 
@@ -324,6 +327,11 @@ def _main(argv: list[str]) -> int:
         raise ArgError(f"-o {target.path}: {len(runs)} inputs need an output folder, not a file")
     if used_default and not args.quiet:
         print(f"no -i given: using the bundled sample {inputs[min(inputs)]}", file=sys.stderr)
+
+    from ..blockwise.cli import run_blockwise_cli, wants_blockwise
+
+    if wants_blockwise(args):  # volumes larger than memory: blockwise on Dask
+        return run_blockwise_cli(args, plan, path, runs, target)
 
     opts = RunOptions(overwrite=args.overwrite, threads=args.threads, verbose=bool(args.verbose),
                       progress=(not args.quiet) and sys.stderr.isatty(), seed=args.seed)
