@@ -29,9 +29,12 @@ import math
 import numpy as np
 
 from ..errors import ExecutionError, ParameterError
-from .values import Derived, Stored, apply_lut, evaluate
+from .values import Derived, RegionLeaf, Stored, apply_lut, evaluate
 
 GLOBAL_IMPLS: dict = {}
+#: context (z, y, x) the block passes of a global filter read at least, for filters whose class does
+#: not say (``name -> fn(params, spacing)``); used for the smallest valid block size
+GLOBAL_HALOS: dict = {}
 
 
 def register_global(*names):
@@ -316,9 +319,10 @@ def _region_rejection(env, step, images, metas):
                                            select=lambda size, flag: ok(size))
         n = comps.n
         dt = np.dtype(label_dtype(n, warn=bool(p["LabelOutput"]))) if p["LabelOutput"] else np.dtype(np.uint8)
-        out = Derived(_CCNode.make(comps, env.grid, dt.str, bool(p["LabelOutput"]), v), 1, v.spacing,
-                      dict(v.meta, is_label=bool(p["LabelOutput"]), dtype_fixed=dt.str, lead=()))
-        return [out], []
+        out = env.node("func", [RegionLeaf(env.shape, v.spacing)], func=_cc_region,
+                       kwargs={"comps": comps, "grid": env.grid, "dtype": dt.str, "labels": bool(p["LabelOutput"])},
+                       item_id=item, meta=dict(v.meta, is_label=bool(p["LabelOutput"]), dtype_fixed=dt.str, lead=()))
+        return out, []
     res = env.reduce(f"{item}-counts", _label_counts_task, v, desc=f"{item}: label volumes")
     ids, counts = merge_counts(res)
     keep = ok(counts) & (ids > 0)
@@ -338,34 +342,14 @@ def _region_rejection(env, step, images, metas):
     return out, []
 
 
-class _CCNode:
-    """A node whose output is the global component id of every voxel of the evaluated region."""
-
-    @staticmethod
-    def make(comps, grid, dtype, labels: bool, source):
-        from .values import Node
-
-        return Node("func", [_RegionMarker(source)], (0, 0, 0), func=_cc_region,
-                    kwargs={"comps": comps, "grid": grid, "dtype": dtype, "labels": labels})
-
-
-class _RegionMarker(Stored):
-    """A pseudo-leaf that 'reads' the region box itself, so a node learns where it runs."""
-
-    def __init__(self, source):
-        from .values import leaves
-
-        leaf = leaves(source)[0]
-        super().__init__(path="", kind="region", shape3d=leaf.shape3d, dtype="i8", spacing=leaf.spacing)
-
-    def read(self, region):
-        return region
-
-
 def _cc_region(region, *, comps, grid, dtype, labels):
+    """Node function: global component ids (or a 0/1 mask of them) over the evaluated region."""
     from .components import global_labels
 
     ids = global_labels(region, comps, grid)
     if labels:
         return ids.astype(dtype)
     return (ids > 0).astype(dtype)
+
+
+from . import reconstruction as _reconstruction  # noqa: E402,F401  (registers the tracking filters)

@@ -60,7 +60,10 @@ def _step_mode(step) -> str:
         return "reader"
     if cls.is_writer:
         return "writer"
-    return getattr(cls, "blockwise", None) or "none"
+    mode = getattr(cls, "blockwise", None)
+    if mode is None and global_impl(cls) is not None:
+        return "global"          # c3dseg.blockwise knows how to cut it (declaration not on the class yet)
+    return mode or "none"
 
 
 def global_impl(cls: type[Filter]):
@@ -108,6 +111,11 @@ def plan_blocks(plan, spacing=(1.0, 1.0, 1.0), block=None, shape=None) -> BlockP
             try:
                 flt = step.cls(step.params, Context(item_id=it.item_id, base_dir=plan.pipeline.base_dir))
                 h = as_triple(flt.halo(tuple(spacing)) if mode != "pointwise" else 0, "halo")
+                if mode == "global" and not any(h):
+                    from .globals import GLOBAL_HALOS
+
+                    if it.name in GLOBAL_HALOS:
+                        h = as_triple(GLOBAL_HALOS[it.name](step.params, tuple(spacing)), "halo")
             except PipelineError:
                 raise
             except Exception as e:

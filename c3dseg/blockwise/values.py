@@ -60,6 +60,17 @@ def _array(path: str):
     return zarr.open_array(path, mode="r")
 
 
+class RegionLeaf(Stored):
+    """A pseudo-leaf whose 'data' is the evaluated region itself: a node function taking it learns
+    where it runs (e.g. to look up stored per-block results)."""
+
+    def __init__(self, shape3d, spacing=(1.0, 1.0, 1.0)):
+        super().__init__(path="", kind="region", shape3d=tuple(shape3d), dtype="i8", spacing=tuple(spacing))
+
+    def read(self, region):
+        return region
+
+
 @dataclass(eq=False)
 class Node:
     """A computation on values: ``op`` ``"filter"`` (a registered filter class, run with
@@ -134,6 +145,9 @@ def evaluate(values: Sequence, lo: Sequence[int], hi: Sequence[int], shape3d: Se
     out = []
     for v in values:
         data = _eval(v, grown, cache)
+        if data is None:
+            out.append(None)
+            continue
         out.append(np.ascontiguousarray(data[(Ellipsis,) + grown.crop]))
     return out
 
