@@ -33,8 +33,9 @@ from .grid import Block, BlockGrid
 
 log = logging.getLogger("c3dseg")
 
-#: environment variable of the fault-injection hook used by the tests (``PASS:BLOCK:MODE``,
-#: MODE ``raise`` or ``exit``); fires once per run (a marker file in the work folder).
+#: environment variable of the fault-injection hook used by the tests (``PASS:BLOCK:MODE``): MODE
+#: ``raise`` (the task fails once) or ``exit`` (the worker process dies once), both marked in the
+#: work folder so they fire once per run, or ``fail`` (the task fails every time).
 FAULT_ENV = "C3DSEG_BLOCKWISE_FAULT"
 
 
@@ -149,6 +150,8 @@ def _maybe_fault(work_dir: str, pass_name: str, block: Block) -> None:
         return
     if p != pass_name or b != block.name:
         return
+    if mode == "fail":  # fails every time (an interrupted run)
+        raise RuntimeError(f"injected failure in pass {p}, block {b}")
     marker = os.path.join(work_dir, f"fault-{p}-{b}")
     try:
         fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
