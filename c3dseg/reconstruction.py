@@ -1,0 +1,802 @@
+"""Cell instances from predicted flows and foreground (the paper's section 2).
+
+The chain, each stage a separate function so that pipelines (and the blockwise runner) can
+rearrange or replace it:
+
+1. :func:`smooth_flows` (Gaussian per channel) and :func:`foreground_mask` (threshold);
+2. :func:`track`: every foreground voxel moves along the flow field, ``p -> p - step * F(p)``,
+   for at most ``n_iter`` iterations, clamped to the volume, stopping when nothing moves;
+3. :func:`cluster_sinks`: the occupancy map of the end points is closed with a ball of radius
+   ``closing_radius``; its connected components are the cells; every voxel takes the label of
+   its end point;
+4. instance filters, each separate: :func:`filter_by_size`, :func:`filter_by_foreground_overlap`,
+   :func:`filter_by_flow_error`, :func:`filter_by_axis_ratio`; then :func:`relabel_consecutive`.
+
+:func:`reconstruct` runs the whole chain with the paper's parameters as defaults.
+
+Tracking
+--------
+``interpolation="nearest"`` (default) samples the flow at the voxel a point occupies and snaps
+the point to the nearest voxel after each step, so one step is a fixed map from voxels to voxels.
+``n_iter`` steps of that map are then computed exactly by pointer doubling: ``ceil(log2 n_iter)``
+gathers over the foreground instead of ``n_iter`` sweeps, and it stops as soon as every voxel sits
+at a fixed point (nothing moves any more).  A move that would leave the foreground mask is
+refused (the point stays where it is), so end points always lie on foreground voxels.
+``interpolation="linear"`` keeps float positions and samples the flow trilinearly; points
+whose step falls below 1e-3 voxels stop; it is slower (one sweep per iteration).
+
+Arrays are ZYX; flows are ``(3, Z, Y, X)`` float32 with channels along z, y, x, pointing away
+from the cell centres (``design.md``).  Labels are uint16 (uint32 with a warning past 65535).
+All lengths are in voxels unless a name says otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .errors import InputError, ParameterError
+from .flows import FLOW_TYPES, cell_statistics, flows_for, iter_tanh_flows
+from .labels import check_labels, compress_labels, label_dtype, relabel_consecutive
+
+log = logging.getLogger("c3dseg")
+
+__all__ = [
+    "smooth_flows", "foreground_mask", "track", "track_voxels", "cluster_sinks", "sink_labels",
+    "filter_by_size", "filter_by_foreground_overlap", "filter_by_flow_error",
+    "filter_by_axis_ratio", "relabel_consecutive", "reconstruct", "sphere_volume",
+    "INTERPOLATIONS",
+]
+
+INTERPOLATIONS = ("nearest", "linear")
+
+# Conjugate-gradient tolerance of the heat flows recomputed by the flow-error filter (mean
+# absolute flow error about 0.03 against converged flows; the filter's threshold is 0.8).
+_FLOW_ERROR_HEAT_TOL = 3e-3
+
+# Flows below this magnitude (per unit step) count as zero in nearest-voxel tracking.
+_MIN_FLOW = 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks
+# ---------------------------------------------------------------------------------------------
+
+def _check_flows(flows, name="flows") -> np.ndarray:
+    f = np.asarray(flows)
+    if f.ndim != 4 or f.shape[0] != 3:
+        raise InputError(f"{name}: expected shape (3, Z, Y, X), got {f.shape}")
+    if not np.issubdtype(f.dtype, np.floating) and not np.issubdtype(f.dtype, np.integer):
+        raise InputError(f"{name}: expected numbers, got dtype {f.dtype}")
+    if f.dtype != np.float32:
+        f = f.astype(np.float32)
+    if not np.all(np.isfinite(f)):
+        bad = int(np.count_nonzero(~np.isfinite(f)))
+        raise InputError(f"{name}: {bad} non-finite values (NaN or inf)")
+    return f
+
+
+def _check_mask(mask, shape, name="mask") -> np.ndarray:
+    m = np.asarray(mask)
+    if m.shape != tuple(shape):
+        raise InputError(f"{name}: shape {m.shape} differs from the flows' {tuple(shape)}")
+    if m.dtype == bool:
+        return m
+    if not (np.issubdtype(m.dtype, np.integer) or np.issubdtype(m.dtype, np.floating)):
+        raise InputError(f"{name}: expected a binary mask, got dtype {m.dtype}")
+    nz = m != 0
+    vals = m[nz]
+    if vals.size and np.any(vals != vals[0]):
+        other = np.unique(vals)[:4]
+        raise InputError(f"{name}: not binary (non-zero values {', '.join(str(v) for v in other)} ...); "
+                         "threshold it first")
+    return nz
+
+
+def _check_positive(value, key, *, integer=False, allow_zero=False):
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ParameterError(f"expected a number, got {value!r}", key=key) from None
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero) or (integer and v != int(v)):
+        kind = "an integer" if integer else "a number"
+        raise ParameterError(f"expected {kind} {'>= 0' if allow_zero else '> 0'}, got {value!r}", key=key)
+    return int(v) if integer else v
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. smoothing and threshold
+# ---------------------------------------------------------------------------------------------
+
+def smooth_flows(flows, sigma: float = 1.0, *, out=None) -> np.ndarray:
+    """Gaussian smoothing of each flow channel (not across channels).
+
+    Parameters
+    ----------
+    flows : ndarray (3, Z, Y, X)
+    sigma : float
+        Standard deviation in voxels (scalar or one per axis z, y, x); 0 copies.
+    out : ndarray (3, Z, Y, X) float32, optional
+        Destination; may be ``flows`` itself (in place).
+
+    Returns
+    -------
+    ndarray (3, Z, Y, X) float32
+    """
+    flows = _check_flows(flows)
+    sig = np.broadcast_to(np.asarray(sigma, dtype=np.float64), (3,))
+    if np.any(~np.isfinite(sig)) or np.any(sig < 0):
+        raise ParameterError(f"expected sigma >= 0, got {sigma!r}", key="sigma")
+    if out is None:
+        out = np.empty_like(flows)
+    for c in range(3):
+        if np.all(sig == 0):
+            out[c] = flows[c]
+        else:
+            ndi.gaussian_filter(flows[c], sig, output=out[c], mode="nearest")
+    return out
+
+
+def foreground_mask(foreground, threshold: float = 0.5) -> np.ndarray:
+    """``foreground > threshold`` as a bool mask (Z, Y, X)."""
+    fg = np.asarray(foreground)
+    if fg.ndim != 3:
+        raise InputError(f"foreground: expected a 3D image, got shape {fg.shape}")
+    if np.issubdtype(fg.dtype, np.floating) and not np.all(np.isfinite(fg)):
+        raise InputError("foreground: non-finite values (NaN or inf)")
+    return fg > threshold
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. tracking
+# ---------------------------------------------------------------------------------------------
+
+def _lin_dtype(size):
+    return np.int32 if size < 2 ** 31 - 1 else np.int64
+
+
+def _axis_coord(lin, shape, a):
+    """Coordinate along axis ``a`` of linear indices ``lin`` (C order)."""
+    stride = int(np.prod(shape[a + 1:], dtype=np.int64))
+    c = lin // stride
+    if a:
+        np.remainder(c, shape[a], out=c)
+    return c
+
+
+def track_voxels(flows, mask, *, step: float = 4.0, n_iter: int = 100,
+                 interpolation: str = "nearest", sigma: float = 0.0,
+                 unsmoothed_first_step: bool = True, first_step_flows=None, spacing=None):
+    """Track the voxels of ``mask`` along ``flows``; the compact form of :func:`track`.
+
+    Parameters
+    ----------
+    flows : ndarray (3, Z, Y, X) float
+        Flows along z, y, x, pointing away from the centres.
+    mask : ndarray (Z, Y, X) bool
+        The voxels to move (the foreground); points never move outside it (see module docstring).
+    step : float
+        Step scale ``s``: a point moves by ``-s * F(p)`` voxels per iteration (paper: 4).
+    n_iter : int
+        Maximum number of iterations (paper: 100).
+    interpolation : {"nearest", "linear"}
+    sigma : float
+        Gaussian smoothing of each flow channel before tracking (voxels, 0 = none).  Done one
+        channel at a time inside the tracker, which keeps memory low; equivalent to calling
+        :func:`smooth_flows` first.
+    unsmoothed_first_step : bool
+        With ``sigma > 0``, take the first step on the unsmoothed flows (default).  Smoothing
+        steadies the way to the sinks but blurs the flows across cell boundaries, where it
+        sends voxels into the neighbouring cell; a voxel's own flow decides its side.
+    first_step_flows : ndarray (3, Z, Y, X), optional
+        Flows for the first step when ``flows`` were smoothed elsewhere (e.g. by a separate
+        filter): pass the unsmoothed ones here.
+    spacing : tuple of 3 floats, optional
+        Voxel size (z, y, x).  When given, the step along axis ``a`` is
+        ``step * min(spacing) / spacing[a]``: the step is measured in the finest voxel size, so
+        points do not jump across cells that are only a few coarse slices thick.
+
+    Returns
+    -------
+    start : ndarray (M,) int
+        Linear (C-order) indices of the tracked voxels, increasing.
+    end : ndarray (M,) or (3, M)
+        With ``"nearest"``: linear indices of the end voxels.  With ``"linear"``: float32 end
+        coordinates (z, y, x).
+    """
+    flows = _check_flows(flows)
+    shape = flows.shape[1:]
+    mask = _check_mask(mask, shape)
+    step = _check_positive(step, "step")
+    steps = _axis_steps(step, spacing)
+    n_iter = _check_positive(n_iter, "n_iter", integer=True, allow_zero=True)
+    if interpolation not in INTERPOLATIONS:
+        raise ParameterError(f"expected one of {'|'.join(INTERPOLATIONS)}, got {interpolation!r}",
+                             key="interpolation")
+    sigma = _check_positive(sigma, "sigma", allow_zero=True)
+    ldt = _lin_dtype(mask.size)
+    start = np.flatnonzero(mask).astype(ldt)
+    if first_step_flows is not None:
+        first_step_flows = _check_flows(first_step_flows, "first-step flows")
+        if first_step_flows.shape != flows.shape:
+            raise InputError(f"first-step flows: shape {first_step_flows.shape[1:]} differs from "
+                             f"the flows' {shape}")
+    elif sigma > 0 and unsmoothed_first_step:
+        first_step_flows = flows
+    track_fn = _track_nearest if interpolation == "nearest" else _track_linear
+    return start, track_fn(flows, mask, start, steps, n_iter, sigma, first_step_flows)
+
+
+def _axis_steps(step, spacing):
+    if spacing is None:
+        return (float(step),) * 3
+    sp = np.asarray(spacing, dtype=np.float64).reshape(-1)
+    if sp.shape != (3,) or np.any(~np.isfinite(sp)) or np.any(sp <= 0):
+        raise ParameterError(f"expected 3 positive voxel sizes (z, y, x), got {spacing!r}", key="spacing")
+    return tuple(float(step) * sp.min() / sp)
+
+
+def _channel(flows, c, sigma):
+    if sigma > 0:
+        return ndi.gaussian_filter(flows[c], sigma, mode="nearest", output=np.float32)
+    return flows[c]
+
+
+def _step_map(flows, sigma, start, shape, step):
+    """Foreground index of the voxel each foreground voxel moves to in one step."""
+    M = len(start)
+    ldt = start.dtype
+    # the displacement -step * F of every foreground voxel (float16 is plenty to round)
+    disp = np.empty((3, M), np.float16)
+    for a in range(3):
+        ch = _channel(flows, a, sigma).reshape(-1)
+        f = ch[start]
+        del ch
+        f *= np.float32(-step[a])
+        disp[a] = f
+        del f
+    # a move shorter than half a voxel would round to no move and pin the point (e.g. on the
+    # ridges between cells where smoothing cancels the flows): such moves are stretched so the
+    # largest component is one voxel.  Only (near-)zero flows stay put.
+    big = np.abs(disp[0])
+    np.maximum(big, np.abs(disp[1]), out=big)
+    np.maximum(big, np.abs(disp[2]), out=big)
+    small = np.flatnonzero((big < 0.5) & (big > _MIN_FLOW * max(step)))
+    if len(small):
+        disp[:, small] /= big[small]
+    del big, small
+    target = np.zeros(M, ldt)
+    for a in range(3):
+        coord = _axis_coord(start, shape, a).astype(np.float32)
+        coord += disp[a]
+        np.rint(coord, out=coord)
+        np.clip(coord, 0, shape[a] - 1, out=coord)
+        ci = coord.astype(ldt)
+        del coord
+        ci *= int(np.prod(shape[a + 1:], dtype=np.int64))
+        target += ci
+        del ci
+    del disp
+    # voxel -> foreground index; refused moves (target outside the mask) stay put
+    lut = np.full(int(np.prod(shape, dtype=np.int64)), -1, dtype=ldt)
+    lut[start] = np.arange(M, dtype=ldt)
+    nxt = lut[target]
+    del target, lut
+    own = np.flatnonzero(nxt < 0)
+    nxt[own] = own.astype(ldt)
+    return nxt
+
+
+def _track_nearest(flows, mask, start, step, n_iter, sigma, first_flows):
+    shape = mask.shape
+    M = len(start)
+    ldt = start.dtype
+    if M == 0 or n_iter == 0:
+        return start.copy()
+    first = None
+    if first_flows is not None:
+        first = _step_map(first_flows, 0.0, start, shape, step)
+        n_iter -= 1
+    nxt = _step_map(flows, sigma, start, shape, step)
+    # n_iter applications of nxt by pointer doubling; stop once everything is at a fixed point
+    result = None
+    power = nxt
+    n, k = n_iter, 0
+    while True:
+        if n & 1:
+            result = power.copy() if result is None else power[result]
+        n >>= 1
+        if n == 0:
+            break
+        if np.array_equal(nxt[power], power):  # after 2^k steps nothing moves any more
+            result = power if result is None else power[result]
+            break
+        power = power[power]
+        k += 1
+    log.debug("track: %d voxels, %d doubling steps", M, k)
+    if result is None:
+        result = np.arange(M, dtype=ldt)
+    if first is not None:
+        result = result[first]
+    return start[result]
+
+
+def _sample_linear(chans, pos, shape):
+    """Trilinear samples of each channel at float positions (3, K) (clamped)."""
+    K = pos.shape[1]
+    base = np.zeros(K, np.int64)
+    frac = []
+    strides = [shape[1] * shape[2], shape[2], 1]
+    for a in range(3):
+        p = np.clip(pos[a], 0, shape[a] - 1)
+        i0 = np.minimum(np.floor(p).astype(np.int64), max(shape[a] - 2, 0))
+        frac.append((p - i0).astype(np.float32))
+        base += i0 * strides[a]
+    out = [np.zeros(K, np.float32) for _ in chans]
+    for dz in (0, 1):
+        for dy in (0, 1):
+            for dx in (0, 1):
+                if (dz and shape[0] == 1) or (dy and shape[1] == 1) or (dx and shape[2] == 1):
+                    continue
+                w = (frac[0] if dz else 1 - frac[0]) * (frac[1] if dy else 1 - frac[1]) * \
+                    (frac[2] if dx else 1 - frac[2])
+                idx = base + (dz * strides[0] + dy * strides[1] + dx * strides[2])
+                for o, ch in zip(out, chans):
+                    o += w * ch[idx]
+    return out
+
+
+def _track_linear(flows, mask, start, step, n_iter, sigma, first_flows):
+    shape = mask.shape
+    # flows outside the mask are 0 so points stop at its edge
+    outside = ~mask.reshape(-1)
+
+    def channels(src, sig):
+        ch = [_channel(src, c, sig).reshape(-1) for c in range(3)]
+        return [np.where(outside, np.float32(0), c) for c in ch] if outside.any() else ch
+
+    chans = channels(flows, sigma)
+    raw = channels(first_flows, 0.0) if first_flows is not None else None
+    pos = np.stack([_axis_coord(start, shape, a).astype(np.float32) for a in range(3)])
+    active = np.arange(len(start))
+    hi = np.asarray(shape, np.float32)[:, None] - 1
+    for it in range(n_iter):
+        if len(active) == 0:
+            break
+        p = pos[:, active]
+        f = _sample_linear(raw if (it == 0 and raw is not None) else chans, p, shape)
+        d = np.stack(f) * (-np.asarray(step, np.float32)[:, None])
+        new = np.clip(p + d, 0, hi)
+        moved = np.max(np.abs(new - p), axis=0) > 1e-3
+        pos[:, active] = new
+        active = active[moved]
+    return pos
+
+
+def track(flows, mask, *, step: float = 4.0, n_iter: int = 100, interpolation: str = "nearest",
+          sigma: float = 0.0, unsmoothed_first_step: bool = True,
+          first_step_flows=None, spacing=None) -> np.ndarray:
+    """Move every voxel of ``mask`` along the flow field and return where each one ends.
+
+    Parameters
+    ----------
+    flows : ndarray (3, Z, Y, X) float
+        Flows along z, y, x pointing away from the cell centres.
+    mask : ndarray (Z, Y, X) bool
+        Foreground: the voxels that move.
+    step, n_iter, interpolation, sigma, unsmoothed_first_step, first_step_flows, spacing :
+        See :func:`track_voxels` (paper: step 4, 100 iterations).
+
+    Returns
+    -------
+    ends : ndarray (3, Z, Y, X) float32
+        End position (z, y, x, in voxels) of every tracked voxel; NaN outside the mask.  This is
+        what the tracking filter passes to the closing filter.
+    """
+    start, end = track_voxels(flows, mask, step=step, n_iter=n_iter,
+                              interpolation=interpolation, sigma=sigma,
+                              unsmoothed_first_step=unsmoothed_first_step,
+                              first_step_flows=first_step_flows, spacing=spacing)
+    shape = np.asarray(flows).shape[1:]
+    ends = np.full((3,) + tuple(shape), np.nan, np.float32)
+    for a in range(3):
+        e = _axis_coord(end, shape, a) if end.ndim == 1 else end[a]
+        ends[a].reshape(-1)[start] = e
+    return ends
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. sinks
+# ---------------------------------------------------------------------------------------------
+
+def _ball_offsets(radius: int) -> np.ndarray:
+    r = int(radius)
+    g = np.mgrid[-r:r + 1, -r:r + 1, -r:r + 1].reshape(3, -1)
+    return g[:, np.sum(g * g, axis=0) <= r * r]
+
+
+def _ball(radius: int) -> np.ndarray:
+    r = int(radius)
+    g = np.mgrid[-r:r + 1, -r:r + 1, -r:r + 1]
+    return np.sum(g * g, axis=0) <= r * r
+
+
+def sink_labels(end_points, shape, *, closing_radius: int = 3, fully_connected: bool = True):
+    """Cluster end points into sinks.
+
+    The occupancy map of the points is closed with a ball of radius ``closing_radius`` (points
+    near the volume faces are not eroded away: the outside counts as occupied for the erosion);
+    its connected components are the sinks.
+
+    Parameters
+    ----------
+    end_points : ndarray (3, K) of int, or (K,) linear indices
+        End voxels (z, y, x) inside ``shape``; duplicates allowed.  The points may come from many
+        blocks of a larger volume (global coordinates).
+    shape : tuple of 3 ints
+    closing_radius : int
+        Ball radius in voxels (paper: 3); 0 = no closing.
+    fully_connected : bool
+        26-connected components (else 6-connected).
+
+    Returns
+    -------
+    point_labels : ndarray (K,) int32 (int64 past 2^31 sinks)
+        Sink label 1..N of every point (numbered in C order of the components).
+    n : int
+    """
+    shape = tuple(int(s) for s in shape)
+    r = _check_positive(closing_radius, "closing_radius", integer=True, allow_zero=True)
+    pts = np.asarray(end_points)
+    if pts.ndim == 1:
+        lin = pts if np.issubdtype(pts.dtype, np.integer) else pts.astype(np.int64)
+        if lin.size and (lin.min() < 0 or lin.max() >= int(np.prod(shape, dtype=np.int64))):
+            raise InputError(f"end points: linear indices outside the volume {shape}")
+    else:
+        if pts.shape[0] != 3:
+            raise InputError(f"end points: expected shape (3, K), got {pts.shape}")
+        pts = np.rint(pts).astype(np.int64)
+        for a in range(3):
+            if pts.shape[1] and (pts[a].min() < 0 or pts[a].max() >= shape[a]):
+                raise InputError(f"end points: coordinates outside the volume {shape}")
+        lin = np.ravel_multi_index(tuple(pts), shape)
+    if lin.size == 0:
+        return np.zeros(0, np.int64), 0
+    occ = np.zeros(shape, bool)
+    occ.reshape(-1)[lin] = True
+    if r > 0:
+        # sparse dilation: one scatter per ball offset over the (few) distinct end voxels
+        uniq = np.flatnonzero(occ)
+        uc = np.stack(np.unravel_index(uniq, shape)).astype(np.int64)
+        dil = np.zeros(shape, bool)
+        hi = np.asarray(shape)[:, None]
+        for off in _ball_offsets(r).T:
+            c = uc + off[:, None]
+            ok = np.all((c >= 0) & (c < hi), axis=0)
+            dil[tuple(c[:, ok])] = True
+        del uc
+        # erosion with the outside counted as occupied: points near the faces survive
+        ndi.binary_erosion(dil, _ball(r), border_value=1, output=occ)
+        del dil
+        occ.reshape(-1)[uniq] = True  # the closing is extensive
+        del uniq
+    structure = np.ones((3, 3, 3), bool) if fully_connected else ndi.generate_binary_structure(3, 1)
+    comp, _ = ndi.label(occ, structure)
+    del occ
+    lab = comp.reshape(-1)[lin]
+    del comp
+    # consecutive over the components that received points
+    used = np.bincount(lab)
+    used[0] = 0
+    present = np.flatnonzero(used)
+    lut = np.zeros(len(used), np.int32 if len(present) < 2 ** 31 - 1 else np.int64)
+    lut[present] = np.arange(1, len(present) + 1)
+    return lut[lab], len(present)
+
+
+def cluster_sinks(ends, mask=None, *, closing_radius: int = 3, fully_connected: bool = True,
+                  start=None, shape=None) -> np.ndarray:
+    """Labels from end points: close the occupancy map, label it, give each voxel its sink.
+
+    Parameters
+    ----------
+    ends : ndarray (3, Z, Y, X) float
+        End positions from :func:`track` (NaN = not tracked).  Alternatively, with ``start`` and
+        ``shape``, the compact ``end`` of :func:`track_voxels`.
+    mask : ndarray (Z, Y, X) bool, optional
+        Voxels to label (default: where ``ends`` is finite).
+    closing_radius : int
+        Ball radius in voxels (paper: 3).
+    fully_connected : bool
+        26- (True) or 6-connected components.
+    start, shape :
+        The compact form: ``start`` linear indices and ``ends`` (M,) linear indices or (3, M)
+        coordinates.
+
+    Returns
+    -------
+    labels : ndarray (Z, Y, X) uint16 (uint32 with a warning past 65535 cells)
+    """
+    if start is None:
+        e = np.asarray(ends)
+        if e.ndim != 4 or e.shape[0] != 3:
+            raise InputError(f"end points: expected shape (3, Z, Y, X), got {e.shape}")
+        shape = e.shape[1:]
+        valid = np.all(np.isfinite(e), axis=0)
+        if mask is not None:
+            valid &= _check_mask(mask, shape)
+        start = np.flatnonzero(valid)
+        pts = np.stack([e[a].reshape(-1)[start] for a in range(3)])
+        for a in range(3):
+            np.clip(pts[a], 0, shape[a] - 1, out=pts[a])
+    else:
+        pts = ends
+        if shape is None:
+            raise InputError("cluster_sinks: shape is required with start")
+    shape = tuple(shape)
+    if len(start) == 0:
+        _warn_empty()
+        return np.zeros(shape, np.uint16)
+    point_labels, n = sink_labels(pts, shape, closing_radius=closing_radius,
+                                  fully_connected=fully_connected)
+    out = np.zeros(shape, label_dtype(n))
+    out.reshape(-1)[start] = point_labels
+    return out
+
+
+def _warn_empty():
+    msg = "empty foreground: no cells"
+    warnings.warn(msg, stacklevel=3)
+    log.warning(msg)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. instance filters (single-pass tables; each returns a new label image, removed cells = 0)
+# ---------------------------------------------------------------------------------------------
+
+def sphere_volume(radius: float) -> float:
+    """Volume of a sphere: (4/3) pi r^3."""
+    return 4.0 / 3.0 * math.pi * float(radius) ** 3
+
+
+def _index_and_tables(labels):
+    labels = check_labels(labels)
+    top = int(labels.max()) if labels.size else 0
+    return labels, top
+
+
+def _apply_keep(labels, keep):
+    """Set every label with keep[label] False to 0 (keep indexed by label value)."""
+    keep = np.asarray(keep, bool).copy()
+    keep[0] = True
+    if keep.all():
+        return labels.copy()
+    lut = np.arange(len(keep), dtype=labels.dtype)
+    lut[~keep] = 0
+    return lut[labels]
+
+
+def filter_by_size(labels, *, min_volume_voxels: float = 0.0, max_volume_voxels: float = math.inf,
+                   return_removed: bool = False):
+    """Remove cells whose voxel count is outside ``[min_volume_voxels, max_volume_voxels]``.
+
+    Radii (the paper's (r_min, r_max) = (5, 100) voxels) convert with :func:`sphere_volume`;
+    micrometre radii with ``sphere_volume(r_um) / prod(spacing)``.
+
+    Returns
+    -------
+    labels : ndarray, same dtype  [, removed : ndarray of removed ids]
+    """
+    labels, top = _index_and_tables(labels)
+    size = np.bincount(labels.reshape(-1), minlength=top + 1)
+    keep = (size >= min_volume_voxels) & (size <= max_volume_voxels)
+    keep |= size == 0
+    out = _apply_keep(labels, keep)
+    return (out, np.flatnonzero(~keep[1:]) + 1) if return_removed else out
+
+
+def filter_by_foreground_overlap(labels, foreground, *, min_overlap: float = 0.2):
+    """Remove cells of which less than ``min_overlap`` (fraction of voxels) lies in the
+    foreground mask (paper: p_overlap = 0.2)."""
+    labels, top = _index_and_tables(labels)
+    fg = _check_mask(foreground, labels.shape, "foreground")
+    size = np.bincount(labels.reshape(-1), minlength=top + 1)
+    inside = np.bincount(labels[fg], minlength=top + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.where(size > 0, inside / np.maximum(size, 1), 1.0)
+    return _apply_keep(labels, frac >= min_overlap)
+
+
+def _label_sums(labels, n, weights=None, *, slab_voxels=1 << 21):
+    """Per-label sums over z-slabs (bounded temporaries).
+
+    ``weights`` is None (counts), an array of the labels' shape, or a callable ``(z0, z1) ->
+    array`` for the slab ``labels[z0:z1]``.  Returns (n + 1,) float64."""
+    acc = np.zeros(n + 1)
+    Z = labels.shape[0]
+    dz = max(1, slab_voxels // max(1, labels[0].size))
+    for z0 in range(0, Z, dz):
+        z1 = min(Z, z0 + dz)
+        lab = labels[z0:z1].reshape(-1)
+        if weights is None:
+            w = None
+        elif callable(weights):
+            w = np.asarray(weights(z0, z1), np.float64).reshape(-1)
+        else:
+            w = np.asarray(weights[z0:z1], np.float64).reshape(-1)
+        acc += np.bincount(lab, weights=w, minlength=n + 1)[: n + 1]
+    return acc
+
+
+def flow_error_per_cell(labels, flows, *, flow_type: str = "tanh", flow_scale="adaptive",
+                        spacing=None):
+    """Mean absolute error per cell between ``flows`` and the flows recomputed from ``labels``.
+
+    Per voxel, ``e = (|F_z - R_z| + |F_y - R_y| + |F_x - R_x|) / 3``; averaged over each cell's
+    voxels.  tanh flows are recomputed one channel at a time.
+
+    Returns
+    -------
+    error : ndarray (top+1,) float64, indexed by label value (0 for absent labels)
+    size : ndarray (top+1,) int64
+    """
+    labels, top = _index_and_tables(labels)
+    flows = _check_flows(flows)
+    if flows.shape[1:] != labels.shape:
+        raise InputError(f"flows: shape {flows.shape[1:]} differs from the labels' {labels.shape}")
+    if flow_type not in FLOW_TYPES:
+        raise ParameterError(f"expected one of {'|'.join(FLOW_TYPES)}, got {flow_type!r}", key="flow_type")
+    err = np.zeros(labels.shape, np.float32)
+    if flow_type == "tanh":
+        channels = iter_tanh_flows(labels, flow_scale, spacing)
+    else:
+        # a loose tolerance: directions within a few degrees are plenty for a 0.8 threshold
+        channels = enumerate(flows_for(labels, flow_type, tol=_FLOW_ERROR_HEAT_TOL, refine=0))
+    for a, ref in channels:
+        np.subtract(flows[a], ref, out=ref)
+        np.abs(ref, out=ref)
+        err += ref
+        del ref
+    size = _label_sums(labels, top).astype(np.int64)
+    total = _label_sums(labels, top, err) / 3.0
+    del err
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(size > 0, total / np.maximum(size, 1), 0.0)
+    return mean, size
+
+
+def filter_by_flow_error(labels, flows, *, max_error: float = 0.8, flow_type: str = "tanh",
+                         flow_scale="adaptive", spacing=None):
+    """Remove cells whose flows, recomputed from the cell with the same flow type, differ from
+    the predicted ``flows`` by a mean absolute error above ``max_error`` (paper: 0.8)."""
+    labels = check_labels(labels)
+    err, _ = flow_error_per_cell(labels, flows, flow_type=flow_type, flow_scale=flow_scale,
+                                 spacing=spacing)
+    return _apply_keep(labels, err <= max_error)
+
+
+def axis_ratio_per_cell(labels):
+    """Minor / major axis length of every cell from its second moments (voxels as unit cubes).
+
+    Returns ``(ratio (top+1,), size (top+1,))`` indexed by label value; 1 for absent labels."""
+    labels, top = _index_and_tables(labels)
+    shape = labels.shape
+    size = _label_sums(labels, top)
+    n = np.maximum(size, 1)
+    mean = cell_statistics(labels, top)["centroid"]
+    cov = np.zeros((top + 1, 3, 3))
+
+    def moment(a, b):
+        def w(z0, z1):
+            g = [np.arange(z0, z1, dtype=np.float64).reshape(-1, 1, 1),
+                 np.arange(shape[1], dtype=np.float64).reshape(1, -1, 1),
+                 np.arange(shape[2], dtype=np.float64).reshape(1, 1, -1)]
+            return np.broadcast_to(g[a] * g[b], (z1 - z0,) + shape[1:])
+        return w
+
+    for a in range(3):
+        for b in range(a, 3):
+            m = _label_sums(labels, top, moment(a, b)) / n
+            cov[:, a, b] = cov[:, b, a] = m - mean[a] * mean[b]
+    cov[:, [0, 1, 2], [0, 1, 2]] += 1.0 / 12.0
+    ev = np.linalg.eigvalsh(cov)
+    ratio = np.sqrt(np.clip(ev[:, 0], 0, None) / np.maximum(ev[:, 2], 1e-12))
+    ratio[size == 0] = 1.0
+    return ratio, size.astype(np.int64)
+
+
+def filter_by_axis_ratio(labels, *, min_ratio: float = 0.1):
+    """Remove cells whose minor / major axis ratio is below ``min_ratio`` (reference code: 0.1)."""
+    labels = check_labels(labels)
+    ratio, _ = axis_ratio_per_cell(labels)
+    return _apply_keep(labels, ratio >= min_ratio)
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole chain
+# ---------------------------------------------------------------------------------------------
+
+def reconstruct(foreground, flows, *, flow_type: str = "tanh", fg_threshold: float = 0.5,
+                smoothing_sigma: float = 1.0, step: float = 4.0, n_iter: int = 100,
+                closing_radius: int = 3, interpolation: str = "nearest",
+                fully_connected: bool = True, min_radius_voxels: float = 5.0,
+                max_radius_voxels: float = 100.0, min_overlap: float = 0.2,
+                max_flow_error: float | None = 0.8, min_axis_ratio: float | None = 0.1,
+                flow_scale="adaptive", spacing=None, flow_scale_um: bool = False,
+                unsmoothed_first_step: bool = True) -> np.ndarray:
+    """Cell instances from a foreground map and flows: the paper's full chain.
+
+    Parameters
+    ----------
+    foreground : ndarray (Z, Y, X) float
+        Foreground probability (network channel 0).
+    flows : ndarray (3, Z, Y, X) float
+        Flows along z, y, x (channels 1-3), pointing away from the centres.
+    flow_type : {"tanh", "heat"}
+        Flow formulation, for the flow-error filter.
+    fg_threshold : float
+        Voxels with foreground > this are tracked (0.5).
+    smoothing_sigma : float
+        Gaussian sigma of the flow smoothing in voxels (1; 0 = none).
+    step, n_iter : float, int
+        Tracking step scale s_recon and iterations N_recon (paper: 4, 100).
+    closing_radius : int
+        r_closing in voxels (paper: 3).
+    interpolation : {"nearest", "linear"}
+    fully_connected : bool
+        26-connected sinks (else 6).
+    min_radius_voxels, max_radius_voxels : float
+        Size range as radii of the volume-equivalent sphere, in voxels (paper: 5, 100).  0 /
+        inf disables a bound.
+    min_overlap : float
+        p_overlap: least fraction of a cell inside the thresholded foreground (paper: 0.2).
+    max_flow_error : float or None
+        err_gradient (paper: 0.8): mean absolute error between the (unsmoothed) flows and the
+        flows recomputed from each cell with ``flow_type``; None skips the filter.
+    min_axis_ratio : float or None
+        Reference code's minor/major axis filter (0.1); None skips it.
+    flow_scale : "adaptive", "axis" or float
+        The tanh scale the flows were made with (to recompute them in the flow-error filter).
+    spacing : tuple of 3 floats, optional
+        Voxel size (z, y, x) in micrometres: the tracking step is then measured in the finest
+        voxel size along every axis (see :func:`track_voxels`).  None: voxel units.
+    flow_scale_um : bool
+        A numeric ``flow_scale`` is in micrometres (needs ``spacing``).
+    unsmoothed_first_step : bool
+        Take the first tracking step on the unsmoothed flows (see :func:`track_voxels`).
+
+    Returns
+    -------
+    labels : ndarray (Z, Y, X) uint16 (uint32 with a warning past 65535 cells), 1..N consecutive
+    """
+    flows = _check_flows(flows)
+    shape = flows.shape[1:]
+    fg = np.asarray(foreground)
+    if fg.shape != shape:
+        raise InputError(f"foreground: shape {fg.shape} differs from the flows' {shape}")
+    mask = foreground_mask(fg, fg_threshold)
+    if not mask.any():
+        _warn_empty()
+        return np.zeros(shape, np.uint16)
+    start, end = track_voxels(flows, mask, step=step, n_iter=n_iter, interpolation=interpolation,
+                              sigma=smoothing_sigma, unsmoothed_first_step=unsmoothed_first_step,
+                              spacing=spacing)
+    labels = cluster_sinks(end, start=start, shape=shape, closing_radius=closing_radius,
+                           fully_connected=fully_connected)
+    del start, end
+    lo = sphere_volume(min_radius_voxels) if min_radius_voxels else 0.0
+    hi = sphere_volume(max_radius_voxels) if max_radius_voxels and math.isfinite(max_radius_voxels) else math.inf
+    labels = filter_by_size(labels, min_volume_voxels=lo, max_volume_voxels=hi)
+    if min_overlap:
+        labels = filter_by_foreground_overlap(labels, mask, min_overlap=min_overlap)
+    if max_flow_error is not None:
+        labels = filter_by_flow_error(labels, flows, max_error=max_flow_error, flow_type=flow_type,
+                                      flow_scale=flow_scale,
+                                      spacing=spacing if flow_scale_um else None)
+    if min_axis_ratio:
+        labels = filter_by_axis_ratio(labels, min_ratio=min_axis_ratio)
+    return relabel_consecutive(labels)
