@@ -96,6 +96,9 @@ class OnnxNetwork:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        # memory patterns pre-plan one big block per input shape: about 2.3x the peak memory of
+        # plain arena allocation for this U-Net, for no measurable speed-up
+        opts.enable_mem_pattern = False
         available = ort.get_available_providers()
         providers = ["CPUExecutionProvider"]
         if use_gpu:

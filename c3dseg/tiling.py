@@ -465,6 +465,15 @@ class TileStream:
     def basename(self) -> str:
         return self.meta.get("basename", "image")
 
+    @property
+    def data(self):
+        """A tile stream has no array: a filter other than TileMerger that reads ``.data`` gets a
+        clear error instead of an AttributeError."""
+        from .errors import InputError
+
+        raise InputError("this input is the tile stream of an OnnxModel, not an image: connect the OnnxModel "
+                         "to a TileMerger and use the TileMerger's outputs")
+
     def __iter__(self):
         if self._runs:
             log.warning("tile stream iterated again: the network runs again")

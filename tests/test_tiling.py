@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from c3dseg.errors import C3DError
 from c3dseg.tiling import (BLENDINGS, TileAccumulator, TileStream, extract_tile, iter_tile_batches, plan_tiles,
                            predict_tiled, round_up, stride_to_overlap)
 
@@ -125,6 +126,8 @@ def test_tile_stream_is_lazy():
 
     stream = TileStream(plan=plan, channels=4, produce=produce, spacing=(2.0, 1.0, 1.0))
     assert calls == []  # nothing runs before merging
+    with pytest.raises(C3DError, match="TileMerger"):
+        stream.data  # another filter reading it as an image gets a clear error
     out = stream.merge()
     assert sum(calls) == plan.n_tiles and out.shape == (4, 20, 20, 20)
     np.testing.assert_allclose(out, 1.0, atol=1e-6)

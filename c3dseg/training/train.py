@@ -239,7 +239,7 @@ def choose_amp(model: UNet3D, cfg: dict, device: str) -> str:
     x = torch.randn(cfg["train"]["batch_size"], model.config["in_channels"], *ps)
     probe = copy.deepcopy(model).train()
     times = {}
-    for mode in ("off", "bf16", "off", "bf16"):
+    for mode in ("off", "bf16") * 3:  # interleaved; the minimum resists other load on the machine
         dt = _autocast_dtype(mode, device)
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=dt or torch.bfloat16, enabled=dt is not None):
@@ -298,7 +298,7 @@ class Prefetcher:
 class CsvLog:
     """Append-only CSV (rows after the resumed step are dropped first)."""
 
-    COLUMNS = ["step", "elapsed_s", "lr", "loss", "bce", "dice", "flow", "steps_per_s",
+    COLUMNS = ["step", "elapsed_s", "lr", "loss", "bce", "dice", "flow", "steps_per_s", "data_wait",
                "val_loss", "val_ap50", "val_dice", "val_cells", "val_pred_cells"]
 
     def __init__(self, path: str, resume_step: int | None):
@@ -345,7 +345,8 @@ def plot_log(csv_path: str, png_path: str) -> bool:
     a1.set_yscale("log")
     a1.set_xlabel("step")
     a1.set_title("losses")
-    a1.legend()
+    if a1.get_legend_handles_labels()[0]:
+        a1.legend()
     for key in ("val_ap50", "val_dice"):
         x, y = series(key)
         if x:
@@ -353,7 +354,8 @@ def plot_log(csv_path: str, png_path: str) -> bool:
     a2.set_ylim(0, 1)
     a2.set_xlabel("step")
     a2.set_title("validation")
-    a2.legend()
+    if a2.get_legend_handles_labels()[0]:
+        a2.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
@@ -602,7 +604,9 @@ def train(config: dict, *, resume: bool = False, progress: bool | None = None) -
             if budget > 0 and state["elapsed_s"] >= budget:
                 log.info("time budget of %.1f min reached at step %d", budget / 60, state["step"])
                 break
+            tw = time.perf_counter()
             x, y, valid = prefetch.get()
+            meters.setdefault("wait", []).append(time.perf_counter() - tw)
             step = state["step"]
             progress_frac = step / total
             if budget > 0:
@@ -651,12 +655,13 @@ def train(config: dict, *, resume: bool = False, progress: bool | None = None) -
                 now = time.perf_counter()
                 sps = steps_since_log / max(now - t_log, 1e-9)
                 row = {k: float(np.mean(v)) for k, v in meters.items()}
+                wait = row.get("wait", 0.0) * sps  # fraction of the time spent waiting for patches
                 csvlog.write(step=s, elapsed_s=state["elapsed_s"], lr=lr, loss=row.get("total"), bce=row.get("bce"),
-                             dice=row.get("dice"), flow=row.get("flow"), steps_per_s=sps)
+                             dice=row.get("dice"), flow=row.get("flow"), steps_per_s=sps, data_wait=wait)
                 if bar is None or bar.disable:
-                    log.info("step %d/%d loss %.4f (bce %.4f flow %.4f) lr %.2e, %.2f steps/s", s, total,
-                             row.get("total", float("nan")), row.get("bce", float("nan")),
-                             row.get("flow", float("nan")), lr, sps)
+                    log.info("step %d/%d loss %.4f (bce %.4f flow %.4f) lr %.2e, %.2f steps/s (%.0f%% waiting for "
+                             "data)", s, total, row.get("total", float("nan")), row.get("bce", float("nan")),
+                             row.get("flow", float("nan")), lr, sps, 100 * wait)
                 meters, t_log, steps_since_log = {}, now, 0
             if val_volumes and (s % int(vcfg["every"]) == 0 or s == total):
                 _validate_and_keep(model, val_volumes, cfg, device, amp, summary, state, csvlog, checkpoint,
@@ -679,13 +684,13 @@ def train(config: dict, *, resume: bool = False, progress: bool | None = None) -
         _validate_and_keep(model, val_volumes, cfg, device, amp, summary, state, csvlog, checkpoint, best_path,
                            lr_at(1.0, state["step"], tcfg))
         checkpoint(last_path)
-    if not os.path.isfile(best_path):
+    if not os.path.isfile(best_path) and not interrupted:
         checkpoint(best_path)  # no validation: the last weights are the best we have
     plot_log(os.path.join(out, "log.csv"), os.path.join(out, "log.png"))
     result = {"out": out, "steps": state["step"], "elapsed_s": state["elapsed_s"], "best": state["best"],
               "best_step": state["best_step"], "last": last_path, "best_checkpoint": best_path,
               "log": os.path.join(out, "log.csv"), "interrupted": interrupted, "amp": amp}
-    if cfg["export"]["onnx"] and not interrupted:
+    if cfg["export"]["onnx"] and not interrupted and os.path.isfile(best_path):
         from .export import export_onnx
 
         try:
