@@ -1,7 +1,7 @@
 """Reconstruction: the round-trip oracle (labels -> flows -> labels), each stage, the filters,
 the XPIWIT tracking filter and bad input."""
 
-import warnings
+import os
 
 import numpy as np
 import pytest
@@ -380,3 +380,86 @@ def test_xpiwit_tracking_filter_takes_reversed_flows():
     assert all_.data[:, :, :4].all()
     with pytest.raises(InputError, match="GradientVectorFlowTrackingImageFilter"):
         GVF(params).run([fx, fy, fz, mask.derive(mask.data[:, :, :-1])], [])
+
+
+# -- shipped pipelines through the runner -----------------------------------------------------
+
+def _run(args):
+    from c3dseg.runner.cli import main
+
+    assert main(args + ["-q"]) == 0
+
+
+@pytest.mark.parametrize("flow_type", ["tanh", "heat"])
+def test_pipelines_round_trip_through_c3d_run(tmp_path, flow_type):
+    from c3dseg.io import read_image, write_image
+    import c3dseg
+
+    pipes = os.path.join(os.path.dirname(c3dseg.__file__), "pipelines")
+    lab = voronoi_labels((28, 32, 36), 8, seed=15, spacing=(2.0, 1.0, 1.0))
+    write_image(str(tmp_path / "labels.tif"), Image(lab, (2.0, 1.0, 1.0), {"is_label": True}))
+    _run([os.path.join(pipes, "flows_from_labels.xml"), "-i", str(tmp_path / "labels.tif"),
+          "-o", str(tmp_path / "pred.tif"), "--set", f"LabelsToFlows.FlowType={flow_type}"])
+    pred = read_image(str(tmp_path / "pred.tif"))
+    assert pred.data.shape == (4,) + lab.shape and pred.data.dtype == np.float32
+    assert pred.spacing == (2.0, 1.0, 1.0)
+    np.testing.assert_array_equal(pred.data, labels_to_prediction(lab, flow_type))
+    _run([os.path.join(pipes, "reconstruct.xml"), "-i", str(tmp_path / "pred.tif"),
+          "-o", str(tmp_path / "rec.tif"), "--set", f"InstanceFlowErrorFilter.FlowType={flow_type}"])
+    rec = read_image(str(tmp_path / "rec.tif"))
+    assert rec.data.dtype == np.uint16 and rec.spacing == (2.0, 1.0, 1.0)
+    np.testing.assert_array_equal(rec.data, reconstruct(pred.data[0], pred.data[1:], flow_type=flow_type))
+    res = evaluate(lab, rec.data)
+    assert res["ap@0.5"] >= 0.99 and res["mean_dice"] >= 0.99
+
+
+XPIWIT_FIXTURE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "xpiwit",
+                              "Cellpose3D.xml")
+
+
+@pytest.mark.skipif(not os.path.exists(XPIWIT_FIXTURE), reason="../shared/fixtures/xpiwit absent")
+def test_xpiwit_cellpose3d_post_processing_runs_as_is(tmp_path):
+    """The published Cellpose3D.xml with its TorchModel replaced by the channels of a stored
+    prediction: threshold, volume rejection, the three Gaussians and the GVF tracking run
+    unchanged."""
+    from lxml import etree
+
+    from c3dseg.io import read_image, write_image
+
+    lab = voronoi_labels((40, 44, 48), 16, seed=1)
+    pred = labels_to_prediction(lab, "tanh")
+    write_image(str(tmp_path / "pred.tif"), Image(pred, (1.0, 1.0, 1.0)))
+    tree = etree.parse(XPIWIT_FIXTURE)
+    items = {it.get("item_id"): it for it in tree.iter("item")}
+    # the reader keeps the stored values; the network becomes a channel splitter
+    reader = items["item_0001"]
+    for p in reader.iter("parameter"):
+        if p.get("key") in ("InputMinimumValue", "InputMaximumValue"):
+            p.set("value", "-1")
+    args = reader.find("arguments")
+    etree.SubElement(args, "parameter", key="KeepDataType", value="1", type="3")
+    net = items["item_0002"]
+    net.find("name").text = "ChannelSplitter"
+    inp = net.find("input")
+    for extra in list(inp)[1:]:
+        inp.remove(extra)
+    inp.set("number_images", "1")
+    inp[0].set("item_id_ref", "item_0001")
+    for p in list(net.find("arguments")):
+        if p.get("key") not in ("WriteResult", "WriteMetaData", "MaxThreads", "Compression", "Precision"):
+            net.find("arguments").remove(p)
+    items["item_0007"].find("arguments").append(
+        etree.Element("parameter", key="StepSize", value="4", type="1"))
+    for p in items["item_0007"].iter("parameter"):
+        if p.get("key") == "NumIterations":
+            p.set("value", "100")
+    xml = tmp_path / "Cellpose3D_stored_prediction.xml"
+    tree.write(str(xml), xml_declaration=True, encoding="UTF-8")
+    _run([str(xml), "-i", str(tmp_path / "pred.tif"), "-o", str(tmp_path / "out")])
+    found = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "out") for f in fs
+             if "GradientVectorFlowTracking" in f and f.endswith(".tif")]
+    assert len(found) == 1
+    out = read_image(found[0])
+    assert out.data.dtype == np.uint16
+    res = evaluate(lab, out.data)
+    assert res["ap@0.5"] >= 0.95 and res["mean_dice"] >= 0.95
