@@ -130,6 +130,8 @@ TRAIN_RANGES: dict[str, Any] = {
     "psf_sigma_xy_vox": {"uniform": [0.4, 1.6]},      # Gaussian PSF sigma, xy voxels
     "psf_z_ratio": {"uniform": [1.5, 4.5]},           # sigma z / sigma xy (physical)
     "psf_z_min_step": {"uniform": [0.3, 0.6]},        # sigma z >= this x z-step
+    "max_blur": {"uniform": [0.07, 0.12]},            # PSF sigma xy <= this x cell diameter (z: 2.5x)
+    "min_z_slices": {"uniform": [2.2, 3.0]},          # anisotropy reduced so a cell spans >= this many slices
     "outer_wall_gain": {"uniform": [0.7, 2.5]},       # brightness of the tissue surface
     "layer_wall_gain": {"uniform": [0.6, 1.5]},       # brightness of the periclinal layer walls
     "wall_contrast_cv": {"uniform": [0.0, 0.5]},      # log-normal sigma of per-wall brightness
@@ -151,9 +153,9 @@ TRAIN_RANGES: dict[str, Any] = {
 #: (the others from :data:`TRAIN_RANGES`).
 OOD_SHIFTS: dict[str, Any] = {
     "cell_diameter_vox": {"choice": [{"uniform": [4.5, 6.5]}, {"uniform": [28.0, 40.0]}]},
-    "anisotropy": {"uniform": [4.5, 6.5]},
+    "anisotropy": {"group": {"anisotropy": {"uniform": [4.5, 6.5]}, "min_z_slices": {"uniform": [1.0, 1.5]}}},
     "photons": {"uniform": [1.5, 3.5]},
-    "psf_sigma_xy_vox": {"uniform": [1.8, 2.6]},
+    "psf_sigma_xy_vox": {"group": {"psf_sigma_xy_vox": {"uniform": [1.8, 2.6]}, "max_blur": {"uniform": [0.16, 0.22]}}},
     "wall_thickness_vox": {"uniform": [2.3, 3.5]},
     "haze": {"uniform": [0.4, 0.7]},
     "faint_wall_fraction": {"uniform": [0.3, 0.45]},
@@ -236,7 +238,10 @@ def draw_params(ranges=None, seed=0):
         count = min(int(ranges.get("_ood_count", 2)), len(keys))
         chosen = [keys[i] for i in rng.choice(len(keys), size=count, replace=False)]
         for key in chosen:
-            out[key] = _draw(shifts[key], rng)
+            spec = shifts[key]
+            group = spec["group"] if isinstance(spec, dict) and "group" in spec else {key: spec}
+            for k, s in group.items():
+                out[k] = _draw(s, rng)
         out["ood_keys"] = chosen
     return out
 
@@ -576,6 +581,11 @@ def make_sample(config_or_ranges=None, seed=0, *, shape=DEFAULT_SHAPE):
     rng = np.random.default_rng(seed)
     p = draw_params(config_or_ranges if config_or_ranges is not None else "train", seed)
     sx = float(p["spacing_xy"])
+    # resolvable cells: at least ``min_z_slices`` z-slices per typical cell diameter
+    limit = float(p["cell_diameter_vox"]) / float(p["min_z_slices"])
+    if float(p["anisotropy"]) > limit:
+        p["anisotropy_drawn"] = p["anisotropy"]
+        p["anisotropy"] = max(1.0, limit)
     sz = sx * float(p["anisotropy"])
     spacing = (sz, sx, sx)
     E = np.asarray(shape) * np.asarray(spacing)
@@ -606,8 +616,10 @@ def make_sample(config_or_ranges=None, seed=0, *, shape=DEFAULT_SHAPE):
     n_layers = int(p["epidermis_layers"]) if snormal is not None else 0
     t_layer = float(p["layer_thickness"]) * D
     bounds = [t_layer * (i + 1) for i in range(n_layers)]
-    sig_xy = float(p["psf_sigma_xy_vox"]) * sx
+    # blur at most ``max_blur`` x the cell diameter (laterally; 2.5x that axially)
+    sig_xy = min(float(p["psf_sigma_xy_vox"]) * sx, float(p["max_blur"]) * D)
     sig_z = max(float(p["psf_z_ratio"]) * sig_xy, float(p["psf_z_min_step"]) * sz)
+    sig_z = max(min(sig_z, 2.5 * float(p["max_blur"]) * D), sig_xy)
     thick = float(p["wall_thickness_vox"]) * sx
     var_axes = np.array([sig_z ** 2, sig_xy ** 2 + sx ** 2 / 12, sig_xy ** 2 + sx ** 2 / 12], np.float32)
     const_var = np.float32(thick ** 2 / 12)
