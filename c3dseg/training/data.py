@@ -201,6 +201,20 @@ def _resample(data: np.ndarray, factors, order: int) -> np.ndarray:
     return ndi.zoom(data, factors, order=order, mode="nearest", grid_mode=True)
 
 
+def _crop_around_cells(img: np.ndarray, lab: np.ndarray, max_shape) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``max_shape``, centred on the labelled cells' bounding box."""
+    if all(n <= m for n, m in zip(lab.shape, max_shape)):
+        return img, lab
+    idx = np.nonzero(lab)
+    centre = [int((i.min() + i.max()) // 2) if i.size else n // 2 for i, n in zip(idx, lab.shape)]
+    sl = []
+    for c, n, m in zip(centre, lab.shape, max_shape):
+        m = min(int(m), n)
+        start = min(max(0, c - m // 2), n - m)
+        sl.append(slice(start, start + m))
+    return img[tuple(sl)], lab[tuple(sl)]
+
+
 def load_volume(image_path: str, label_path: str, *, spacing=None, norm_cfg: dict | None = None,
                 targets_cfg: dict | None = None, resample_to=None, max_fg_points: int = 200_000,
                 seed: int = 0) -> Volume:
@@ -221,10 +235,23 @@ def load_volume(image_path: str, label_path: str, *, spacing=None, norm_cfg: dic
         raise InputError("labels must not be negative", file=label_path)
     lab = lab.astype(np.int32)
     spacing_used = sp_img
+    max_shape = None
+    if isinstance(resample_to, dict):  # {"cell_diameter_voxels": D}: isotropic, median cell D voxels across
+        max_shape = resample_to.get("max_shape")
+        diam = equivalent_diameters(lab, sp_img)
+        if diam.size:
+            iso = float(np.median(diam)) / float(resample_to["cell_diameter_voxels"])
+            resample_to = (iso, iso, iso)
+        else:
+            resample_to = None
     if resample_to is not None:
         factors = [s / t for s, t in zip(sp_img, resample_to)]
+        if max_shape is not None:  # crop before resampling so that memory stays bounded
+            img, lab = _crop_around_cells(img, lab, [int(np.ceil(m / f)) + 2 for m, f in zip(max_shape, factors)])
         img = _resample(np.asarray(img, np.float32), factors, 1)
         lab = _resample(lab, factors, 0)
+        if max_shape is not None:
+            img, lab = _crop_around_cells(img, lab, max_shape)
         spacing_used = tuple(float(t) for t in resample_to)
     image = normalise_image(img, norm_cfg)
     targets = make_targets(lab, targets_cfg, spacing_used)
@@ -260,8 +287,11 @@ def data_summary(volumes: Sequence[Volume]) -> dict[str, Any]:
     """Spacing and median cell diameter of a training set (for the model's metadata)."""
     sp = np.median(np.array([v.spacing for v in volumes], dtype=np.float64), axis=0)
     d = np.concatenate([v.cell_diameters_um for v in volumes]) if volumes else np.zeros(0)
+    vox = np.concatenate([v.cell_diameters_um / np.cbrt(np.prod(v.spacing)) for v in volumes]) if volumes \
+        else np.zeros(0)
     return {"spacing_um": [float(s) for s in sp],
             "median_cell_diameter_um": float(np.median(d)) if d.size else float("nan"),
+            "median_cell_diameter_voxels": float(np.median(vox)) if vox.size else float("nan"),
             "n_volumes": len(volumes), "n_cells": int(d.size)}
 
 

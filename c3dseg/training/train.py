@@ -59,7 +59,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "val": None,            # same; None = hold out val_fraction of the training volumes
         "val_fraction": 0.15,
         "spacing": None,        # [z, y, x] um for files without calibration
-        "resample_to": None,    # [z, y, x] um: resample every volume to this spacing first
+        "resample_to": None,    # [z, y, x] um: resample every volume to this spacing first, or
+                                # {cell_diameter_voxels: D}: each volume isotropic with median cells D voxels
         "normalization": {"mode": "percentile", "lower": 1.0, "upper": 99.8, "clip": False},
     },
     "targets": {"flow_type": "tanh", "flow_scale": "adaptive", "flow_scale_um": False, "foreground": "union"},
@@ -547,6 +548,7 @@ def train(config: dict, *, resume: bool = False, progress: bool | None = None) -
         "foreground": cfg["targets"]["foreground"],
         "normalization": dict(d["normalization"]),
         "patch_size": list(tcfg["patch_size"]),
+        "resample_to": d["resample_to"],
         **summary,
     }
     _write_config(cfg, os.path.join(out, "config.yaml"))
