@@ -394,3 +394,53 @@ def test_cli(tmp_path, inputs, capsys):
     assert main([path, "--blocks", "4", "-o", str(tmp_path / "x.ome.zarr")] + ins) == 2
     assert "smallest valid block size" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x.ome.zarr")
+
+
+def _conv_model(path):
+    """A one-layer 3D conv "network" (4 outputs, tanh) with percentile normalisation metadata."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.3, (4, 1, 5, 5, 5)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["c"], pads=[2] * 6), helper.make_node("Tanh", ["c"], ["output"])],
+        "conv", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 1, None, None, None])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [None, 4, None, None, None])],
+        [numpy_helper.from_array(w, "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    for k, v in {"size_divisor": "8", "in_channels": "1", "normalization": "percentile",
+                 "norm_percentiles": "1,99.8"}.items():
+        e = m.metadata_props.add()
+        e.key, e.value = k, v
+    onnx.save(m, path)
+    return path
+
+
+def test_network_predictions_identical(tmp_path, client):
+    """Tiled prediction blockwise uses the whole volume's tile plan, normalisation and blending:
+    the four output channels equal the whole-volume ones although blocks and tiles do not align."""
+    pytest.importorskip("onnx")
+    from c3dseg.io import read_image, write_image
+
+    rng = np.random.default_rng(2)
+    vol = (ndi.gaussian_filter(rng.random(SHAPE), 1.0) * 1000).astype(np.float32)
+    src = str(tmp_path / "in.tif")
+    write_image(src, Image(vol, (1.0, 1.0, 1.0)))
+    model = _conv_model(str(tmp_path / "conv.onnx"))
+    path = _pipeline(
+        tmp_path, "net", item("item_0001", "ImageReader", [("cmd", 0)]),
+        item("item_0002", "TorchModel", [("item_0001", 1)],
+             params={"ModelPath": model, "UseGPU": 0, "PatchDepth": 16, "PatchHeight": 24, "PatchWidth": 24,
+                     "PatchStride": 0.75},
+             outputs=(("image", 1), ("image", 2), ("image", 3), ("image", 4))),
+        item("item_0003", "ChannelMerger", [("item_0002", 1), ("item_0002", 2), ("item_0002", 3), ("item_0002", 4)]),
+        item("item_0004", "ImageWriter", [("item_0003", 1)], outputs=()))
+    from c3dseg.runner.executor import RunOptions, Target, execute
+
+    execute(_plan(path), {0: src}, Target(str(tmp_path / "whole.tif"), True), RunOptions())
+    whole = read_image(str(tmp_path / "whole.tif")).data
+    res, opts = _blockwise(path, {0: src}, str(tmp_path / "net.ome.zarr"), client, block=(16, 17, 23))
+    assert res.shape == whole.shape == (4,) + SHAPE
+    assert np.abs(whole).max() > 0.1
+    np.testing.assert_array_equal(res, whole)

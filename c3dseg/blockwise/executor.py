@@ -85,7 +85,7 @@ class Env:
         self.spacing = tuple(spacing)
         self.base_dir = base_dir
         self.pipeline_name = pipeline_name
-        self._final: dict[int, tuple] = {}
+        self.plan = None                      # the runner's plan (set by run_blockwise)
 
     # -- lazy values ---------------------------------------------------------------------------
     def probe(self, values) -> list[tuple[np.dtype, tuple]]:
@@ -95,21 +95,31 @@ class Env:
         out = self.rt.gather_small(probe_task, list(values), b.start, hi, self.shape)
         return [(np.dtype(dt), shp[:-3]) for dt, shp in out]
 
-    def materialise(self, value, name: str, *, dtype=None) -> Stored:
+    def materialise(self, value, name: str) -> Stored:
         """A stored (zarr, one chunk per block) copy of ``value`` in the work folder."""
-        if isinstance(value, Stored):
-            return value
+        return self.materialise_all([value], [name])[0]
+
+    def materialise_all(self, values, names) -> list:
+        """Stored copies of several values in one pass (outputs of one node are computed once)."""
         from .components import create_block_array
 
-        (dt, lead), = self.probe([value]) if dtype is None else [(np.dtype(dtype), None)]
-        if lead is None:
-            (_, lead), = self.probe([value])
-        channels = lead[0] if lead else None
-        path = self.rt.path("arrays", f"{name}.zarr")
-        create_block_array(path, self.grid, dt, channels)
-        self.rt.run_pass(f"write-{name}", block_task, [value], [path], self.shape, [dt.str], collect=False,
-                         desc=f"{name}: write blocks")
-        return Stored(path, "array", self.shape, dt.str, channels, value.spacing, dict(value.meta))
+        todo = [(k, v, n) for k, (v, n) in enumerate(zip(values, names)) if not isinstance(v, Stored)]
+        out = list(values)
+        if not todo:
+            return out
+        infos = self.probe([v for _, v, _ in todo])
+        paths, dts = [], []
+        for (k, v, n), (dt, lead) in zip(todo, infos):
+            channels = lead[0] if lead else None
+            path = self.rt.path("arrays", f"{n}.zarr")
+            create_block_array(path, self.grid, dt, channels)
+            paths.append(path)
+            dts.append(dt.str)
+            out[k] = Stored(path, "array", self.shape, dt.str, channels, v.spacing, dict(v.meta))
+        label = todo[0][2] if len(todo) == 1 else f"{todo[0][2]}+{len(todo) - 1}"
+        self.rt.run_pass(f"write-{label}", block_task, [v for _, v, _ in todo], paths, self.shape, dts,
+                         collect=False, desc=f"{label}: write blocks")
+        return out
 
     def node(self, op: str, inputs: list, *, halo=(0, 0, 0), func=None, kwargs=None, filter_name="",
              params=None, item_id="", meta=None, n_outputs=1) -> list[Derived]:
@@ -271,6 +281,7 @@ def run_blockwise(plan, inputs: dict[int, str], target, opts: BlockwiseOptions) 
                  "resuming" if mode == "resume" else "starting")
         rt = Runtime(client, grid, work_dir, progress=opts.progress, retries=opts.retries)
         env = Env(rt, spacing, plan.pipeline.base_dir, file)
+        env.plan = plan
         written = _walk(plan, bp, env, sources, outputs, opts, target)
         if opts.report_memory or log.isEnabledFor(logging.INFO):
             try:

@@ -205,8 +205,102 @@ def network_halo(params: dict, size_divisor: int = 8) -> tuple[int, int, int]:
     return tuple(out)
 
 
+def _is_torchscript(path: str) -> bool:
+    return path.lower().endswith((".pt", ".pth", ".torchscript"))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_network(path: str, use_gpu: bool, in_channels):
+    """The model, loaded once per worker process."""
+    if _is_torchscript(path):
+        from ..filters.network import _TorchScriptNetwork
+
+        net = _TorchScriptNetwork(path, use_gpu=use_gpu, threads=1)
+    else:
+        from ..predict import OnnxNetwork
+
+        net = OnnxNetwork(path, use_gpu=use_gpu, threads=1)
+    if getattr(net, "in_channels", None) is None and in_channels is not None:
+        net.in_channels = int(in_channels)
+    return net
+
+
+def predict_region(region, *, source, plan, blending: str, transform, model: str, use_gpu: bool, in_channels,
+                   batch_size: int, channels: int = 4):
+    """Node function: the tiled prediction over ``region``, exactly as the whole-volume run makes it.
+
+    The tiles are those of the *whole-volume* plan that meet the region; each is cut from the
+    input (read per tile, reflect-padded where it leaves the volume, as
+    :func:`c3dseg.tiling.extract_tile` does), normalised with the whole-volume range, predicted,
+    and added with the whole-volume blending weights in the plan's order, so every voxel gets the
+    very sum the whole-volume :class:`~c3dseg.tiling.TileAccumulator` computes.
+    """
+    shape = plan.shape
+    net = _load_network(model, use_gpu, in_channels)
+    weights = _plan_weights(plan, blending)
+    out = np.zeros((channels,) + region.shape, np.float32)
+    tiles = [t for t in plan.tiles()
+             if all(v.start < hi and v.stop > lo for v, lo, hi in zip(t.volume_slices, region.lo, region.hi))]
+    batch, idx = [], []
+
+    def flush():
+        preds = np.asarray(net(np.stack(batch)), np.float32)
+        for t, p in zip(idx, preds):
+            lo = [max(v.start, r) for v, r in zip(t.volume_slices, region.lo)]
+            hi = [min(v.stop, r) for v, r in zip(t.volume_slices, region.hi)]
+            src = tuple(slice(l_ - st, h_ - st) for l_, h_, st in zip(lo, hi, t.start))
+            dst = tuple(slice(l_ - r, h_ - r) for l_, h_, r in zip(lo, hi, region.lo))
+            wz, wy, wx = (weights[a][t.index[a]][src[a]] for a in range(3))
+            w = wz[:, None, None] * wy[None, :, None] * wx[None, None, :]
+            out[(slice(None),) + dst] += p[(slice(None),) + src][:channels] * w
+        batch.clear()
+        idx.clear()
+
+    for t in tiles:
+        part = evaluate([source], [v.start for v in t.volume_slices], [v.stop for v in t.volume_slices], shape)[0]
+        part = np.asarray(part)
+        if part.ndim == 3:
+            part = part[None]
+        pads = [(0, 0)] + [(v.start - st, st + n - v.stop) for v, st, n in zip(t.volume_slices, t.start, plan.tile)]
+        if any(p != (0, 0) for p in pads):
+            part = np.pad(part, pads, mode="reflect")
+        part = np.asarray(transform(part) if transform is not None else part, dtype=np.float32)
+        batch.append(part)
+        idx.append(t)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    return [out[c] for c in range(channels)]
+
+
+_WEIGHTS: dict = {}
+
+
+def _plan_weights(plan, blending):
+    key = (plan, blending)
+    if key not in _WEIGHTS:
+        _WEIGHTS.clear()
+        _WEIGHTS[key] = plan.axis_weights(blending)
+    return _WEIGHTS[key]
+
+
+def _consumer_blending(env, item_id: str) -> str:
+    """Blending of the TileMerger that blends an OnnxModel's tiles (cosine when none is found)."""
+    plan = getattr(env, "plan", None)
+    if plan is None:
+        return "cosine"
+    for s in plan.steps:
+        if s.item.name == "TileMerger" and any(r.source == item_id for r in s.item.inputs):
+            return s.params.get("Blending", "cosine")
+    return "cosine"
+
+
 @register_global("TorchModel", "OnnxModel")
 def _network(env, step, images, metas):
+    """Tiled prediction with the whole volume's tile plan, normalisation and blending: the
+    predictions of each block equal the whole-volume ones (see :func:`predict_region`)."""
+    from ..filters.base import Context, resolve_relative
     from ..predict import make_transform
 
     p = dict(step.params)
@@ -214,38 +308,37 @@ def _network(env, step, images, metas):
     v = next((i for i in images if i is not None), None)
     if v is None:
         raise ExecutionError("the network needs an input image")
+    model = resolve_relative(p.get("ModelPath", ""), env.base_dir)
+    if not model:
+        raise ParameterError("no model given: set ModelPath", key="ModelPath")
+    net = _load_network(model, False, p.get("NumInputChannels"))
+    flt = step.cls(step.params, Context(item_id=item, base_dir=env.base_dir))
+    plan = flt._plan(env.shape, net.size_divisor, getattr(net, "fixed_shape", (None, None, None)))
     mode = p.get("Normalization", "auto")
+    settings = net.normalisation()
+    eff = settings["mode"] if mode == "auto" else mode
     transform = None
-    path = p.get("ModelPath", "")
-    from ..filters.base import resolve_relative
-
-    full = resolve_relative(path, env.base_dir)
-    if not full.lower().endswith((".pt", ".pth", ".torchscript")) or mode not in ("auto", "none"):
-        net = None
-        if not full.lower().endswith((".pt", ".pth", ".torchscript")):
-            from ..predict import OnnxNetwork
-
-            net = OnnxNetwork(full, use_gpu=False, threads=1)
+    if eff not in ("none", ""):
         lo_p, hi_p = p.get("LowerPercentile", -1.0), p.get("UpperPercentile", -1.0)
         pct = (lo_p, hi_p) if lo_p is not None and hi_p is not None and lo_p >= 0 and hi_p >= 0 else None
-        settings = net.normalisation() if net is not None else {"mode": "none"}
-        eff = settings["mode"] if mode == "auto" else mode
-        if eff not in ("none", ""):
-            sample = gather_sample(env, f"{item}-sample", v, per_channel=False)
-            transform = make_transform(net, sample, mode=mode, percentiles=pct)
-    inputs = [v]
-    if transform is not None:
-        inputs = env.node("func", [v], func=transform, item_id=item, meta={"is_label": False})
-    p["Normalization"] = "none"
-    cls = step.cls
-    halo = tuple(step.cls(step.params).halo(env.spacing))
-    if not any(halo):
-        halo = network_halo(p)
-    n_out = len(cls.ports("output", "image"))
-    # TorchModel has 4 optional image inputs wired to the same image: give it the one
-    outs = env.node("filter", list(inputs), halo=halo, filter_name=cls.name, params=p, item_id=item,
-                    meta={"is_label": False}, n_outputs=n_out)
+        sample = gather_sample(env, f"{item}-sample", v, per_channel=False)
+        transform = make_transform(net if not _is_torchscript(model) else None, sample, mode=mode, percentiles=pct)
+    blending = p.get("Blending") or _consumer_blending(env, item)
+    kwargs = {"source": v, "plan": plan, "blending": blending, "transform": transform, "model": model,
+              "use_gpu": bool(p.get("UseGPU", False)), "in_channels": p.get("NumInputChannels"),
+              "batch_size": int(p.get("BatchSize", 1)), "channels": 4}
+    meta = dict(v.meta, is_label=False, model_path=model, model_metadata=dict(getattr(net, "metadata", {}) or {}))
+    outs = env.node("func", [RegionLeaf(env.shape, v.spacing)], func=predict_region, kwargs=kwargs, item_id=item,
+                    meta=meta, n_outputs=4)
+    if step.cls.name == "OnnxModel":
+        # one 4-channel image for TileMerger (which splits a prediction image into its channels)
+        out, = env.node("func", outs, func=_stack, item_id=item, meta=meta)
+        return [out], []
     return outs, []
+
+
+def _stack(*arrays):
+    return np.stack(arrays)
 
 
 # ---------------------------------------------------------------------------------------------

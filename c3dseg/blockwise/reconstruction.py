@@ -605,6 +605,29 @@ def _cheap(value) -> bool:
     return all(n.op == "func" and not any(n.halo) for n in nodes_of(value))
 
 
+def _materialise_inputs(env, name, flows, first, mask):
+    """Store the tracking inputs (read over grown blocks, several times) in one pass; a mask that is
+    a cheap function of stored images stays lazy."""
+    values = list(flows) + (list(first) if first is not None else [])
+    names = [f"{name}-flow{'zyx'[a]}" for a in range(3)] + [f"{name}-rawflow{'zyx'[a]}" for a in range(len(values) - 3)]
+    with_mask = not _cheap(mask)
+    if with_mask:
+        values.append(mask)
+        names.append(f"{name}-mask")
+    # identical values (the same lazy image twice) are stored once
+    uniq, seen = [], {}
+    for v, n in zip(values, names):
+        if id(v) not in seen:
+            seen[id(v)] = len(uniq)
+            uniq.append((v, n))
+    stored = env.materialise_all([v for v, _ in uniq], [n for _, n in uniq])
+    got = [stored[seen[id(v)]] for v in values]
+    flows_s = got[:3]
+    first_s = got[3:6] if first is not None else None
+    mask_s = got[-1] if with_mask else mask
+    return flows_s, first_s, mask_s
+
+
 def track_values(env, name: str, flows, mask, *, step: float = 4.0, n_iter: int = 100, sigma: float = 0.0,
                  first_step_flows=None, reach: int | None = None, interpolation: str = "nearest") -> Ends:
     """Blockwise :func:`c3dseg.reconstruction.track_voxels` (nearest): the end voxel of every
@@ -612,11 +635,7 @@ def track_values(env, name: str, flows, mask, *, step: float = 4.0, n_iter: int 
     if interpolation != "nearest":
         raise ExecutionError("blockwise tracking supports Interpolation=nearest only (linear tracking has no exact "
                              "cut yet); run without --blocks or use nearest", key="Interpolation")
-    flows = [env.materialise(v, f"{name}-flow{'zyx'[a]}") for a, v in enumerate(flows)]
-    if first_step_flows is not None:
-        first_step_flows = [env.materialise(v, f"{name}-rawflow{'zyx'[a]}") for a, v in enumerate(first_step_flows)]
-    if not _cheap(mask):
-        mask = env.materialise(mask, f"{name}-mask")
+    flows, first_step_flows, mask = _materialise_inputs(env, name, flows, first_step_flows, mask)
     out_dir = os.path.join(env.rt.work_dir, "ends", name)
     os.makedirs(out_dir, exist_ok=True)
     params = {"step": step, "n_iter": n_iter, "sigma": sigma, "reach": reach or default_reach(step, n_iter)}
@@ -696,9 +715,7 @@ def reconstruct_blockwise(env, name: str, foreground, flows, *, fg_threshold: fl
     if mask is None:
         mask, = env.node("func", [foreground], func=threshold_mask, kwargs={"threshold": fg_threshold},
                          meta={"is_label": False})
-    flows = [env.materialise(v, f"{name}-flow{'zyx'[a]}") for a, v in enumerate(flows)]
-    if not _cheap(mask):
-        mask = env.materialise(mask, f"{name}-mask")
+    flows, _, mask = _materialise_inputs(env, name, flows, None, mask)
     first = flows if (smoothing_sigma > 0 and unsmoothed_first_step) else None
     ends = track_values(env, name, flows, mask, step=step, n_iter=n_iter, sigma=smoothing_sigma,
                         first_step_flows=first, interpolation=interpolation,
