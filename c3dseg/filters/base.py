@@ -50,6 +50,7 @@ BUILTIN_MODULES = (
     "c3dseg.filters.instances",
     "c3dseg.filters.network",
     "c3dseg.filters.segmentation",
+    "c3dseg.filters.scale",
 )
 
 

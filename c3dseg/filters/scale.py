@@ -1,0 +1,107 @@
+"""Bringing an input to the scale a network was trained at, and back.
+
+The default models are trained on volumes resampled to an isotropic grid on which the median cell
+is ``median_cell_diameter_voxels`` across (model metadata).  An input with spacing ``s`` (um) and
+cells ``d`` um across is resampled to the isotropic spacing ``d / D``; the labels go back onto the
+input grid with ``ResampleImageFilter`` (reference input = the reader's image, nearest neighbour).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+from ..errors import InputError
+from ..resampling import output_shape, resample
+from ..schemas import Param
+from .base import Filter, Port, register
+
+log = logging.getLogger("c3dseg")
+
+#: a cell-diameter estimate differing from the given CellDiameterUm by more than this factor warns
+DISAGREEMENT = 2.0
+
+
+def model_cell_diameter_voxels(model_path: str, explicit: float = 0.0) -> float:
+    """The cell diameter (voxels) a model was trained at: ``explicit`` when > 0, else its metadata."""
+    if explicit and explicit > 0:
+        return float(explicit)
+    from ..predict import OnnxNetwork
+
+    net = OnnxNetwork(model_path, threads=1)
+    text = net.metadata.get("median_cell_diameter_voxels", "")
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise InputError(f"model {model_path} has no median_cell_diameter_voxels metadata (not exported by "
+                         "c3d-export?); set ModelCellDiameterVoxels to the cell diameter, in voxels, of its "
+                         "training data", key="ModelCellDiameterVoxels")
+    return value
+
+
+def model_spacing(cell_diameter_um: float, model_diameter_vox: float) -> tuple[float, float, float]:
+    """Isotropic spacing (um) on which cells ``cell_diameter_um`` across are ``model_diameter_vox`` voxels."""
+    iso = float(cell_diameter_um) / float(model_diameter_vox)
+    return (iso, iso, iso)
+
+
+@register
+class ResampleToModelScale(Filter):
+    name = "ResampleToModelScale"
+    description = ("Resamples an image to the scale the network was trained at: isotropic, with cells of the "
+                   "model's training diameter in voxels (from CellDiameterUm, or the estimate of an upstream "
+                   "EstimateCellDiameter filter, or an estimate made here).")
+    category = "ImageFilter"
+    inputs = (Port("image", "image", "Input image (any spacing)"),)
+    outputs = (Port("image", "resampled", "The image on the model's grid (float32)"),)
+    params = (
+        Param("ModelPath", "string", "", "The ONNX model (its metadata give the training cell diameter).",
+              path=True, exists=True),
+        Param("CellDiameterUm", "double", 0.0,
+              "Median cell diameter of the input in micrometres; 0: take it from an upstream EstimateCellDiameter "
+              "(or estimate it here).", min=0.0, unit="um"),
+        Param("ModelCellDiameterVoxels", "double", 0.0,
+              "Cell diameter in voxels the model was trained at; 0: from the model's metadata.", min=0.0,
+              unit="voxels"),
+        Param("MaxUpsampling", "double", 4.0,
+              "Largest zoom factor along any axis (guards against a wrong diameter blowing up memory).",
+              min=1.0),
+    )
+
+    def run(self, images, metas):
+        img = images[0]
+        diameter = self.p["CellDiameterUm"]
+        estimated = img.meta.get("cell_diameter_um")
+        if diameter <= 0:
+            if estimated is None:
+                from ..diameter import estimate_cell_diameter
+
+                estimated = float(estimate_cell_diameter(img.data if img.data.ndim == 3 else img.data[0],
+                                                         img.spacing))
+                log.info("%s: estimated median cell diameter %.2f um", img.basename, estimated)
+            diameter = float(estimated)
+        elif estimated is not None and not (1 / DISAGREEMENT <= diameter / float(estimated) <= DISAGREEMENT):
+            log.warning("%s: CellDiameterUm=%.3g um disagrees with the estimate from the image (%.3g um) by more "
+                        "than %gx; check the value and the image's spacing", img.basename, diameter,
+                        float(estimated), DISAGREEMENT)
+        if not math.isfinite(diameter) or diameter <= 0:
+            raise InputError(f"no usable cell diameter for {img.basename}; set CellDiameterUm",
+                             key="CellDiameterUm")
+        d_vox = model_cell_diameter_voxels(self.resolve_path(self.p["ModelPath"]), self.p["ModelCellDiameterVoxels"])
+        target = model_spacing(diameter, d_vox)
+        factors = [s / t for s, t in zip(img.spacing, target)]
+        if max(factors) > self.p["MaxUpsampling"]:
+            raise InputError(f"{img.basename}: cells of {diameter:.3g} um at spacing {img.spacing} um need a zoom of "
+                             f"{max(factors):.2f}x (> MaxUpsampling {self.p['MaxUpsampling']:g}); check CellDiameterUm "
+                             "and the image's spacing", key="CellDiameterUm")
+        shape = output_shape(img.shape3d, img.spacing, new_spacing=target)
+        data, spacing = resample(np.asarray(img.data, np.float32), img.spacing, shape, order=1)
+        log.info("%s: %s at %s um -> %s at %.3g um (cells %.3g um = %.3g voxels)", img.basename, img.shape3d,
+                 tuple(round(s, 4) for s in img.spacing), shape, target[0], diameter, d_vox)
+        out = img.derive(data, cell_diameter_um=diameter, input_shape=img.shape3d, input_spacing=img.spacing)
+        out.spacing = tuple(spacing)
+        return [out], []
