@@ -85,7 +85,10 @@ def train_main(argv=None) -> int:
     best = "n/a" if result["best"] is None else f"{result['best']:.4f} at step {result['best_step']}"
     print(f"trained {result['steps']} steps in {result['elapsed_s'] / 60:.1f} min (amp {result['amp']}); "
           f"best validation score {best}")
-    print(f"checkpoints: {result['best_checkpoint']}, {result['last']}; log: {result['log']}")
+    ckpts = [p for p in (result["best_checkpoint"], result["last"]) if os.path.isfile(p)]
+    print(f"checkpoints: {', '.join(ckpts) or 'none'}; log: {result['log']}")
+    if result["interrupted"]:
+        print(f"interrupted: continue with c3d-train {args.config} --resume" + (f" --out {args.out}" if args.out else ""))
     if result.get("onnx"):
         print(f"model: {result['onnx']}")
     return 130 if result["interrupted"] else 0

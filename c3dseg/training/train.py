@@ -417,11 +417,12 @@ def validate(model, volumes, cfg, device, amp, summary) -> dict:
     for vol in volumes[: int(v["max_volumes"])]:
         pred = predict_torch(model, vol.image, tile_size=v["tile_size"], overlap=int(v["overlap"]), device=device,
                              amp=amp)
-        fg, tfg = pred[0], vol.targets[0]
+        targets = vol.targets.astype(np.float32)
+        fg, tfg = pred[0], targets[0]
         p = np.clip(fg, 1e-6, 1 - 1e-6)
         bce = float(-np.mean(tfg * np.log(p) + (1 - tfg) * np.log(1 - p)))
         w = tfg + lw["background_flow_weight"] * (1 - tfg)
-        mse = float(np.sum(((pred[1:] - vol.targets[1:]) ** 2).mean(axis=0) * w) / max(w.sum(), 1.0))
+        mse = float(np.sum(((pred[1:] - targets[1:]) ** 2).mean(axis=0) * w) / max(w.sum(), 1.0))
         res["val_loss"].append(lw["fg_weight"] * bce + lw["flow_weight"] * mse)
         if reconstruct is not None:
             try:
@@ -513,7 +514,8 @@ def train(config: dict, *, resume: bool = False, progress: bool | None = None) -
     volumes = load_volumes(train_pairs, **kw)
     val_volumes = load_volumes(val_pairs, **kw) if val_pairs else []
     summary = data_summary(volumes)
-    radii = np.concatenate([np.cbrt(3 * np.bincount(v.labels.ravel())[1:] / (4 * np.pi)) for v in volumes])
+    radii = np.concatenate([np.cbrt(3 * np.bincount(v.labels.ravel().astype(np.intp))[1:] / (4 * np.pi))
+                            for v in volumes])
     radii = radii[radii > 0]
     summary["median_cell_radius_voxels"] = float(np.median(radii)) if radii.size else None
     log.info("training cells: %d, median diameter %.2f um, spacing %s um", summary["n_cells"],
@@ -688,7 +690,10 @@ def train(config: dict, *, resume: bool = False, progress: bool | None = None) -
         checkpoint(last_path)
     if not os.path.isfile(best_path) and not interrupted:
         checkpoint(best_path)  # no validation: the last weights are the best we have
-    plot_log(os.path.join(out, "log.csv"), os.path.join(out, "log.png"))
+    try:
+        plot_log(os.path.join(out, "log.csv"), os.path.join(out, "log.png"))
+    except Exception as e:  # a plot is a convenience: never fail a finished run over it
+        log.warning("could not plot the training log: %s", e)
     result = {"out": out, "steps": state["step"], "elapsed_s": state["elapsed_s"], "best": state["best"],
               "best_step": state["best_step"], "last": last_path, "best_checkpoint": best_path,
               "log": os.path.join(out, "log.csv"), "interrupted": interrupted, "amp": amp}
