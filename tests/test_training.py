@@ -176,6 +176,9 @@ def test_training_lowers_loss_resumes_exports_and_predicts(dataset, tmp_path):
     assert res["steps"] == 24 and not res["interrupted"]
     for name in ("last.pt", "best.pt", "log.csv", "config.yaml", "model.onnx"):
         assert (out / name).is_file(), name
+    cached = sorted((out / "cache").glob("*.npy"))
+    assert len(cached) == 3  # targets of every volume, reused by --resume
+    stamp = [c.stat().st_mtime_ns for c in cached]
 
     # the loss on fixed patches went down: trained vs the same initialisation untrained
     vols = load_volumes(list_pairs({"images": str(dataset / "images"), "labels": str(dataset / "labels")}),
@@ -199,6 +202,7 @@ def test_training_lowers_loss_resumes_exports_and_predicts(dataset, tmp_path):
     cfg2 = resolve_config(_config(dataset, out, 32))
     res2 = train(cfg2, resume=True, progress=False)
     assert res2["steps"] == 32
+    assert [c.stat().st_mtime_ns for c in cached] == stamp  # read back, not recomputed
     with open(out / "log.csv") as fh:
         steps = [int(r["step"]) for r in csv.DictReader(fh) if r["loss"]]
     assert steps == [4, 8, 12, 16, 20, 24, 28, 32]

@@ -215,10 +215,53 @@ def _crop_around_cells(img: np.ndarray, lab: np.ndarray, max_shape) -> tuple[np.
     return img[tuple(sl)], lab[tuple(sl)]
 
 
+_CACHE_VERSION = 1
+
+
+def _cache_file(cache_dir: str | None, label_path: str, spacing, targets_cfg, resample_to) -> str | None:
+    """Where the targets of a label file are cached (None: no cache).  The key covers the file's
+    path, size and modification time and every setting the targets depend on."""
+    if not cache_dir:
+        return None
+    import hashlib
+    import json
+
+    st = os.stat(label_path)
+    key = json.dumps([_CACHE_VERSION, os.path.abspath(label_path), st.st_size, st.st_mtime_ns,
+                      None if spacing is None else [float(v) for v in spacing],
+                      {k: v for k, v in sorted(targets_cfg.items())},
+                      None if resample_to is None else [float(v) for v in resample_to]], default=str)
+    h = hashlib.sha1(key.encode()).hexdigest()[:16]
+    return os.path.join(cache_dir, f"{_stem(label_path)}-{h}.npy")
+
+
+def _cached_targets(path, labels, targets_cfg, spacing):
+    if path and os.path.isfile(path):
+        try:
+            t = np.load(path)
+            if t.shape == (4, *labels.shape):
+                return t
+        except (OSError, ValueError):
+            pass  # unreadable cache entry: recompute
+    t = make_targets(labels, targets_cfg, spacing).astype(np.float16)
+    if path:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp{os.getpid()}.npy"
+            np.save(tmp, t)
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("cannot cache targets in %s: %s", os.path.dirname(path), e)
+    return t
+
+
 def load_volume(image_path: str, label_path: str, *, spacing=None, norm_cfg: dict | None = None,
                 targets_cfg: dict | None = None, resample_to=None, max_fg_points: int = 200_000,
-                seed: int = 0) -> Volume:
-    """Read, check, (optionally) resample, normalise and compute targets for one pair."""
+                seed: int = 0, cache_dir: str | None = None) -> Volume:
+    """Read, check, (optionally) resample, normalise and compute targets for one pair.
+
+    ``cache_dir``: keep the (costly, for heat flows) targets there as ``.npy`` files, reused when
+    the label file and the settings are unchanged (e.g. on ``--resume``)."""
     norm_cfg = norm_cfg or {}
     targets_cfg = targets_cfg or {}
     img, sp_img = read_volume(image_path, spacing)
@@ -255,7 +298,8 @@ def load_volume(image_path: str, label_path: str, *, spacing=None, norm_cfg: dic
         spacing_used = tuple(float(t) for t in resample_to)
     image = normalise_image(img, norm_cfg)
     # float16 in memory (half the size; flows in (-1, 1) keep ~1e-3 precision); patches are float32
-    targets = make_targets(lab, targets_cfg, spacing_used).astype(np.float16)
+    cache = _cache_file(cache_dir, label_path, spacing, targets_cfg, resample_to)
+    targets = _cached_targets(cache, lab, targets_cfg, spacing_used)
     fg = np.flatnonzero(lab.ravel() > 0)
     rng = np.random.default_rng(seed)
     if fg.size > max_fg_points:
@@ -268,7 +312,7 @@ def load_volume(image_path: str, label_path: str, *, spacing=None, norm_cfg: dic
 
 
 def load_volumes(pairs, *, spacing=None, norm_cfg=None, targets_cfg=None, resample_to=None,
-                 progress: bool = False) -> list[Volume]:
+                 progress: bool = False, cache_dir: str | None = None) -> list[Volume]:
     vols = []
     it = pairs
     if progress:
@@ -280,6 +324,7 @@ def load_volumes(pairs, *, spacing=None, norm_cfg=None, targets_cfg=None, resamp
             pass
     for k, (img, lab, sp) in enumerate(it):
         vols.append(load_volume(img, lab, spacing=sp or spacing, norm_cfg=norm_cfg, targets_cfg=targets_cfg,
+                                cache_dir=cache_dir,
                                 resample_to=resample_to, seed=k))
     return vols
 

@@ -59,7 +59,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "val": None,            # same; None = hold out val_fraction of the training volumes
         "val_fraction": 0.15,
         "spacing": None,        # [z, y, x] um for files without calibration
-        "resample_to": None,    # [z, y, x] um: resample every volume to this spacing first, or
+        "resample_to": None,    # [z, y, x] um: resample every volume to this spacing first
+        "cache": True,          # keep computed targets in OUT/cache (fast --resume, heat flows), or
                                 # {cell_diameter_voxels: D}: each volume isotropic with median cells D voxels
         "normalization": {"mode": "percentile", "lower": 1.0, "upper": 99.8, "clip": False},
     },
@@ -510,7 +511,8 @@ def train(config: dict, *, resume: bool = False, progress: bool | None = None) -
     log.info("data: %d training and %d validation volumes", len(train_pairs), len(val_pairs))
     show = progress if progress is not None else None
     kw = dict(spacing=d["spacing"], norm_cfg=d["normalization"], targets_cfg=_targets_cfg(cfg),
-              resample_to=d["resample_to"], progress=bool(show))
+              resample_to=d["resample_to"], progress=bool(show),
+              cache_dir=os.path.join(out, "cache") if d["cache"] else None)
     volumes = load_volumes(train_pairs, **kw)
     val_volumes = load_volumes(val_pairs, **kw) if val_pairs else []
     summary = data_summary(volumes)
