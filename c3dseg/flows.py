@@ -32,7 +32,7 @@ import logging
 import numpy as np
 
 from .errors import InputError, ParameterError
-from .labels import check_labels, compress_labels
+from .labels import check_labels, compress_labels, label_sums
 
 log = logging.getLogger("c3dseg")
 
@@ -89,7 +89,7 @@ def cell_statistics(index: np.ndarray, n: int, *, median: bool = False) -> dict:
         ``size`` (int64), ``centroid`` (3, n+1) float64, ``lo``/``hi`` (3, n+1) int64 first and
         last voxel coordinate along each axis (-1 where absent), ``median`` (3, n+1) float64.
     """
-    size = np.bincount(index.reshape(-1), minlength=n + 1).astype(np.int64)
+    size = label_sums(index, n)
     cen = np.zeros((3, n + 1))
     lo = np.full((3, n + 1), -1, np.int64)
     hi = np.full((3, n + 1), -1, np.int64)
@@ -312,19 +312,49 @@ def _edge_weights(index):
     return w
 
 
-def _apply_operator(x, w, out, tmp):
-    """out = 6 x - sum of same-cell neighbours (the steady state of Cellpose's averaging).
+def _scratch(shape, dtype=np.float32, budget=1 << 20):
+    """A small scratch buffer for slab-wise work: ``k`` whole z-slices, about ``budget`` values."""
+    plane = max(1, shape[1] * shape[2])
+    budget = min(budget, max(plane, shape[0] * plane // 16))
+    k = max(1, min(shape[0], budget // plane))
+    return np.empty((k,) + tuple(shape[1:]), dtype)
 
-    ``tmp`` is a flat float32 scratch buffer of ``x.size`` elements."""
-    np.multiply(x, x.dtype.type(6.0), out=out)
-    for a in range(3):
-        lo, hi = _pair_slices(a)
-        t = tmp[: w[a].size].reshape(w[a].shape)
-        np.multiply(w[a], x[hi], out=t)
-        np.subtract(out[lo], t, out=out[lo])
-        np.multiply(w[a], x[lo], out=t)
-        np.subtract(out[hi], t, out=out[hi])
+
+def _neighbour_terms(x, w, out, scratch, sign=-1.0):
+    """``out[p] += sign * x[q]`` for every same-cell pair (p, q) of face neighbours, in both
+    directions, slab by slab (``scratch`` from :func:`_scratch`; no full-size temporaries)."""
+    Z = x.shape[0]
+    k = scratch.shape[0]
+    op = np.subtract if sign < 0 else np.add
+    for z0 in range(0, Z, k):
+        z1 = min(Z, z0 + k)
+        n = z1 - z0
+        xs, os_ = x[z0:z1], out[z0:z1]
+        for a in (1, 2):
+            lo, hi = _pair_slices(a)
+            ws = w[a][z0:z1]
+            t = scratch[:n, : ws.shape[1], : ws.shape[2]]
+            np.multiply(ws, xs[hi], out=t)
+            op(os_[lo], t, out=os_[lo])
+            np.multiply(ws, xs[lo], out=t)
+            op(os_[hi], t, out=os_[hi])
+        # z edges z -> z + 1 for z in [z0, min(z1, Z - 1))
+        e1 = min(z1, Z - 1)
+        if e1 > z0:
+            m = e1 - z0
+            ws = w[0][z0:e1]
+            t = scratch[:m]
+            np.multiply(ws, x[z0 + 1:e1 + 1], out=t)
+            op(out[z0:e1], t, out=out[z0:e1])
+            np.multiply(ws, x[z0:e1], out=t)
+            op(out[z0 + 1:e1 + 1], t, out=out[z0 + 1:e1 + 1])
     return out
+
+
+def _apply_operator(x, w, out, scratch):
+    """out = 6 x - sum of same-cell neighbours (the steady state of Cellpose's averaging)."""
+    np.multiply(x, x.dtype.type(6.0), out=out)
+    return _neighbour_terms(x, w, out, scratch, -1.0)
 
 
 def _pair_slices(a):
@@ -342,8 +372,8 @@ def _dot(a, b):
 
 
 def _cg_solve(w, b, tol, n_iter):
-    """float32 conjugate gradients for A x = b (A: :func:`_apply_operator`), in place, five
-    volumes.  Returns (x, sweeps)."""
+    """float32 conjugate gradients for A x = b (A: :func:`_apply_operator`); ``b`` is
+    overwritten (it becomes the residual); four more volumes.  Returns (x, sweeps)."""
     shape = b.shape
     x = np.zeros(shape, np.float32)
     r = b
@@ -352,7 +382,7 @@ def _cg_solve(w, b, tol, n_iter):
         return x, 0
     p = r.copy()
     Ap = np.empty_like(r)
-    tmp = np.empty(r.size, np.float32)
+    tmp = _scratch(shape)
     rr = bb
     stop = (tol ** 2) * bb
     it = 0
@@ -362,15 +392,15 @@ def _cg_solve(w, b, tol, n_iter):
         if pAp <= 0:
             break
         alpha = np.float32(rr / pAp)
-        t = tmp.reshape(shape)
-        np.multiply(p, alpha, out=t)
-        x += t
-        np.multiply(Ap, alpha, out=t)
-        r -= t
+        # in place, no scratch: r -= alpha Ap; x += alpha p (p is kept scaled by alpha)
+        Ap *= alpha
+        r -= Ap
+        p *= alpha
+        x += p
         rr_new = _dot(r, r)
         if rr_new <= stop:
             break
-        p *= np.float32(rr_new / rr)
+        p *= np.float32(rr_new / rr / alpha)  # beta p_old, from the scaled p
         p += r
         rr = rr_new
     return x, it
@@ -428,6 +458,7 @@ def heat_flows(labels, n_iter=None, *, tol=1e-5, refine=1, return_heat=False):
     b = np.zeros(shape, np.float32)
     b.reshape(-1)[src] = 1.0
     T, its = _cg_solve(w, b, tol, n_iter)
+    del b
     total = its
     if refine > 0:
         T64 = T.astype(np.float64)
@@ -435,7 +466,7 @@ def heat_flows(labels, n_iter=None, *, tol=1e-5, refine=1, return_heat=False):
         for _ in range(int(refine)):
             res = np.zeros(shape, np.float64)
             res.reshape(-1)[src] = 1.0
-            res -= _apply_operator(T64, w, np.empty(shape, np.float64), np.empty(T64.size, np.float64))
+            res -= _apply_operator(T64, w, np.empty(shape, np.float64), _scratch(shape, np.float64))
             d, its = _cg_solve(w, res.astype(np.float32), tol, n_iter)
             total += its
             del res
@@ -444,32 +475,45 @@ def heat_flows(labels, n_iter=None, *, tol=1e-5, refine=1, return_heat=False):
         T = T64.astype(np.float32)
         del T64
     log.debug("heat_flows: %d CG sweeps in %d solves", total, 1 + max(0, int(refine)))
-    tmp = np.empty(T.size, np.float32)
     flows = np.zeros((3,) + shape, np.float32)
-    # central differences inside the cell (out-of-cell neighbours count 0), negated: away
+    # central differences inside the cell (out-of-cell neighbours count 0), negated so that
+    # they point down the gradient, away from the source: F_a(p) = T(p - e_a) - T(p + e_a)
+    tmp = _scratch(shape)
     for a in range(3):
         lo, hi = _pair_slices(a)
         g = flows[a]
-        t = tmp[: w[a].size].reshape(w[a].shape)
-        # -(T(p + e) - T(p - e)): points down the gradient, away from the source
-        np.multiply(w[a], T[hi], out=t)
-        np.subtract(g[lo], t, out=g[lo])
-        np.multiply(w[a], T[lo], out=t)
-        np.add(g[hi], t, out=g[hi])
+        Z = shape[0]
+        k = tmp.shape[0]
+        for z0 in range(0, Z, k):
+            z1 = min(Z, z0 + k)
+            if a == 0:
+                z1 = min(z1, Z - 1)
+                if z1 <= z0:
+                    break
+                ws = w[0][z0:z1]
+                t = tmp[: z1 - z0]
+                np.multiply(ws, T[z0 + 1:z1 + 1], out=t)
+                np.subtract(g[z0:z1], t, out=g[z0:z1])
+                np.multiply(ws, T[z0:z1], out=t)
+                np.add(g[z0 + 1:z1 + 1], t, out=g[z0 + 1:z1 + 1])
+            else:
+                ws = w[a][z0:z1]
+                Ts, gs = T[z0:z1], g[z0:z1]
+                t = tmp[: z1 - z0, : ws.shape[1], : ws.shape[2]]
+                np.multiply(ws, Ts[hi], out=t)
+                np.subtract(gs[lo], t, out=gs[lo])
+                np.multiply(ws, Ts[lo], out=t)
+                np.add(gs[hi], t, out=gs[hi])
     del w, tmp
     if not return_heat:
         del T
-    norm = np.square(flows[0])
-    tmp = np.square(flows[1])
-    norm += tmp
-    np.square(flows[2], out=tmp)
-    norm += tmp
-    del tmp
-    np.sqrt(norm, out=norm)
-    for a in range(3):
-        np.divide(flows[a], norm, out=flows[a], where=norm > 0)
-    del norm
-    flows[:, index == 0] = 0
+    # unit length, slab by slab (no full-size temporaries); zero gradients stay zero
+    k = _scratch(shape).shape[0]
+    for z0 in range(0, shape[0], k):
+        f = flows[:, z0:z0 + k]
+        norm = np.sqrt(np.einsum("c...,c...->...", f, f))
+        np.divide(f, norm, out=f, where=norm > 0)
+        f[:, index[z0:z0 + k] == 0] = 0
     return (flows, T) if return_heat else flows
 
 

@@ -65,6 +65,43 @@ def check_labels(labels, name: str = "labels", *, ndim: int | None = 3) -> np.nd
     return a
 
 
+def label_sums(labels, n: int | None = None, weights=None, *, chunk: int = 1 << 20) -> np.ndarray:
+    """Per-label voxel counts, or sums of ``weights``, in bounded memory.
+
+    ``np.bincount`` converts its input to int64 (and weights to float64): on a whole volume that
+    is 8-16 bytes per voxel of temporaries.  This works through the flattened array in chunks.
+
+    Parameters
+    ----------
+    labels : ndarray of non-negative int (any shape)
+    n : int, optional
+        Largest label (default: ``labels.max()``).
+    weights : ndarray of the labels' shape, or a callable ``(start, stop) -> array`` giving the
+        weights of the flat range ``[start, stop)``; None counts voxels.
+    chunk : int
+        Voxels per chunk.
+
+    Returns
+    -------
+    ndarray (n + 1,): int64 counts, or float64 sums.
+    """
+    flat = np.asarray(labels).reshape(-1)
+    if n is None:
+        n = int(flat.max()) if flat.size else 0
+    acc = np.zeros(n + 1, np.int64 if weights is None else np.float64)
+    wflat = None if weights is None or callable(weights) else np.asarray(weights).reshape(-1)
+    for i in range(0, flat.size, chunk):
+        j = min(flat.size, i + chunk)
+        if weights is None:
+            w = None
+        elif callable(weights):
+            w = np.asarray(weights(i, j), np.float64).reshape(-1)
+        else:
+            w = wflat[i:j]
+        acc += np.bincount(flat[i:j], weights=w, minlength=n + 1)[: n + 1]
+    return acc
+
+
 def label_dtype(n_labels: int, *, warn: bool = True) -> type:
     """``uint16`` when ``n_labels`` <= 65535, else ``uint32`` (with a warning)."""
     if n_labels <= UINT16_MAX_LABEL:
@@ -96,7 +133,7 @@ def compress_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     flat = labels.reshape(-1)
     top = int(flat.max()) if flat.size else 0
     if top < _LUT_LIMIT:
-        counts = np.bincount(flat, minlength=top + 1)
+        counts = label_sums(flat, top)
         counts[0] = 0
         ids = np.flatnonzero(counts)
         lut = np.zeros(top + 1, dtype=np.uint32)

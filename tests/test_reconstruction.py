@@ -88,7 +88,10 @@ def test_round_trip_linear_interpolation_and_reference_scale():
     assert res["ap@0.5"] >= 0.99
 
 
-def test_spacing_scales_the_step():
+def test_spacing_scales_the_step(monkeypatch):
+    import c3dseg.reconstruction as rec_mod
+
+    monkeypatch.setattr(rec_mod, "_SETTLE_STEPS", 0)  # one step exactly
     lab = voronoi_labels((20, 64, 64), 16, seed=5, spacing=(3, 1, 1))
     pred = labels_to_prediction(lab, "heat")
     flows = pred[1:]
@@ -111,6 +114,9 @@ def _naive_nearest(flows, mask, step, n_iter, sigma, raw_first):
     cur = np.arange(len(start)) if first is None else first
     for _ in range(n_iter - (1 if raw_first else 0)):
         cur = nxt[cur]
+    unit = _step_map(flows, sigma, start, mask.shape, (1.0, 1.0, 1.0))
+    for _ in range(16):  # the settling unit steps
+        cur = unit[cur]
     return start[cur]
 
 
@@ -171,11 +177,14 @@ def test_sink_labels_closing_and_components():
     pts = np.concatenate([blob, pair], axis=1)
     lab, n = sink_labels(pts, shape, closing_radius=0)
     assert n == 3 and len(set(lab[:27])) == 1
-    # a closing fills gaps inside a cloud but does not join isolated points
-    gap = np.concatenate([blob, blob + np.array([[0], [0], [4]])], axis=1)
+    # a closing fills the gap between two clouds
+    gap = np.concatenate([blob, blob + np.array([[0], [0], [5]])], axis=1)
     assert sink_labels(gap, shape, closing_radius=0)[1] == 2
     assert sink_labels(gap, shape, closing_radius=3)[1] == 1
-    assert sink_labels(pair, shape, closing_radius=3)[1] == 2
+    # isolated end voxels are marked as unit balls first: they join up to ~2 sqrt(2r + 1) apart
+    for d, expect in ((3, (2, 1, 1, 1)), (5, (2, 2, 1, 1)), (6, (2, 2, 2, 2))):
+        p2 = np.array([[10, 10], [10, 10], [5, 5 + d]])
+        assert tuple(sink_labels(p2, shape, closing_radius=r)[1] for r in range(4)) == expect, d
     # diagonal neighbours: one sink when fully connected, two when 6-connected
     diag = np.array([[5, 6], [5, 6], [5, 6]])
     assert sink_labels(diag, shape, closing_radius=0, fully_connected=True)[1] == 1
@@ -333,7 +342,7 @@ def test_stage_filters_match_reconstruct():
     assert mask.data.dtype == np.uint8
     (ends,), _ = FlowTrackingFilter({}).run([mask, sz, sy, sx, fz, fy, fx], [])
     assert ends.data.shape == (3,) + lab.shape
-    (labels,), _ = SinkClusteringFilter({"ClosingRadius": "3"}).run([ends], [])
+    (labels,), _ = SinkClusteringFilter({}).run([ends], [])
     (labels,), _ = InstanceSizeFilter({"MinRadiusVoxels": "5"}).run([labels], [])
     (labels,), _ = InstanceForegroundOverlapFilter({}).run([labels, mask], [])
     (labels,), _ = InstanceFlowErrorFilter({}).run([labels, fz, fy, fx], [])
@@ -368,7 +377,8 @@ def test_xpiwit_tracking_filter_takes_reversed_flows():
     lab = voronoi_labels((24, 28, 30), 9, seed=14)
     fg, fz, fy, fx = _images(lab)
     mask = fg.derive((fg.data > 0.5).astype(np.float32))
-    params = {"NumIterations": "100", "StepSize": "4", "ClosingRadius": "3"}
+    assert GVF({}).p["ClosingRadius"] == 3 and GVF({}).p["NumIterations"] == 25  # XPIWIT's
+    params = {"NumIterations": "100", "StepSize": "4", "ClosingRadius": "1"}
     (out,), _ = GVF(params).run([fx, fy, fz, mask], [])
     assert out.data.dtype == np.uint16
     assert evaluate(lab, out.data)["ap@0.5"] == 1.0
