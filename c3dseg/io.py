@@ -61,6 +61,7 @@ __all__ = [
 
 # extension -> format name; longest extensions first so that ".ome.tif" wins over ".tif"
 _FORMATS = (
+    (".ome.zarr", "zarr"), (".zarr", "zarr"),  # OME-Zarr folders: c3dseg.zarr_io
     (".ome.tiff", "ome"), (".ome.tif", "ome"), (".nii.gz", "nifti"),
     (".tiff", "tiff"), (".tif", "tiff"), (".nrrd", "nrrd"), (".nhdr", "nrrd"), (".nii", "nifti"),
     (".mha", "mha"), (".mhd", "mhd"),
@@ -170,6 +171,10 @@ def read_image(path: str | os.PathLike, *, channel: int | None = None,
         unsupported axis (e.g. a time series), non-finite values, or the channel does not exist.
     """
     path = os.fspath(path)
+    if image_format(path.rstrip("/\\")) == "zarr":  # OME-Zarr: c3dseg.zarr_io
+        from .zarr_io import read_zarr_image
+
+        return read_zarr_image(path, channel=channel, spacing=spacing, check_finite=check_finite)
     _check_readable(path)
     fmt = image_format(path)
     try:
@@ -592,6 +597,11 @@ def write_image(path: str | os.PathLike, image: Image, *, compression: bool = Tr
     """
     path = os.fspath(path)
     fmt = image_format(path)
+    if fmt == "zarr":  # OME-Zarr: c3dseg.zarr_io
+        from .zarr_io import write_zarr_image
+
+        return write_zarr_image(path, image, compression=compression, dtype=dtype, overwrite=overwrite,
+                                protect=protect, label=label)
     if ome and fmt == "tiff":
         fmt = "ome"
     if fmt not in _WRITABLE or path.lower().endswith(".nhdr"):
