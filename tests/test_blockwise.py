@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from pipeline_kit import item, pipeline_xml  # noqa: E402
 
 SHAPE = (30, 40, 44)
-BLOCK = (16, 20, 22)          # 2 x 2 x 2 blocks: cells cross faces, edges and corners
+BLOCK = (21, 21, 22)          # 2 x 2 x 2 blocks: cells cross faces, edges and corners
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def _readers():
     return [item(f"item_000{c + 1}", "ImageReader", [("cmd", c)], params={"KeepDataType": 1}) for c in range(4)]
 
 
-RECON = {"StepSize": 1, "NumIterations": 10, "ClosingRadius": 2, "MinRadiusVoxels": 1.5,
+RECON = {"StepSize": 2, "NumIterations": 10, "ClosingRadius": 2, "MinRadiusVoxels": 1.5,
          "MaxRadiusVoxels": 30, "WriteResult": 1}
 
 
@@ -151,12 +151,11 @@ def test_tracking_escapes_retry_and_stay_exact(tmp_path, client, prediction):
     from c3dseg.blockwise.runtime import Runtime
     from c3dseg.blockwise.values import Stored, evaluate
 
-    assert brec._MIN_FLOW == rec._MIN_FLOW
     _, pred = prediction
     kw = dict(step=2.0, n_iter=12, smoothing_sigma=1.0, closing_radius=2, min_radius_voxels=1.5,
               max_radius_voxels=30)
     whole = rec.reconstruct(pred[0], pred[1:], **kw)
-    grid = BlockGrid(SHAPE, (10, 13, 15))      # 3 x 4 x 3 blocks
+    grid = BlockGrid(SHAPE, (15, 20, 22))      # 2 x 2 x 2 blocks
     rt = Runtime(client, grid, str(tmp_path / "w"))
     env = Env(rt, (1.0, 1.0, 1.0), ".", "test")
     vals = []
@@ -188,7 +187,7 @@ def test_reconstruction_pipelines_identical(tmp_path, client, inputs):
              outputs=(("image", 1), ("image", 2), ("image", 3), ("image", 4))),
         item("item_0011", "FlowTrackingFilter", [("item_0010", 1), ("item_0010", 2), ("item_0010", 3),
                                                  ("item_0010", 4), ("item_0002", 1), ("item_0003", 1),
-                                                 ("item_0004", 1)], params={"StepSize": 1, "NumIterations": 10}),
+                                                 ("item_0004", 1)], params={"StepSize": 2, "NumIterations": 10}),
         item("item_0012", "SinkClusteringFilter", [("item_0011", 1)], params={"ClosingRadius": 2}),
         item("item_0013", "InstanceSizeFilter", [("item_0012", 1)], params={"MinRadiusVoxels": 1.5}),
         item("item_0014", "InstanceForegroundOverlapFilter", [("item_0013", 1), ("item_0010", 1)]),
@@ -303,7 +302,7 @@ def test_existing_output_resume_and_interruption(tmp_path, client, inputs, monke
     assert os.path.isdir(os.path.join(out, ".c3dseg-work"))
     # another pipeline (other blocks) must not take over the unfinished run
     with pytest.raises(PipelineError, match="unfinished blockwise run"):
-        _blockwise(path, zarr_in, out, client, block=(16, 20, 20))
+        _blockwise(path, zarr_in, out, client, block=(22, 21, 22))
     # the same command resumes: the tracking pass is not run again
     monkeypatch.delenv(FAULT_ENV)
     res, opts = _blockwise(path, zarr_in, out, client)
@@ -384,7 +383,7 @@ def test_cli(tmp_path, inputs, capsys):
     err = capsys.readouterr().err
     assert "progress: item_0005: track" in err and "done: 1 output(s)" in err
     # the output exists now: exit 2 without --overwrite
-    assert main([path, "--blocks", "16,20,22", "-o", out] + ins) == 2
+    assert main([path, "--blocks", "21,21,22", "-o", out] + ins) == 2
     assert "add --overwrite" in capsys.readouterr().err
     # argument errors: exit 2, one line each
     assert main([path, "--workers", "2", "-o", str(tmp_path / "x.ome.zarr")] + ins) == 2

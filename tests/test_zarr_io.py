@@ -140,3 +140,26 @@ def test_lazy_tiff(tmp_path, volume):
     p = str(tmp_path / "a.nrrd")
     write_image(p, Image(data, (2.0, 0.5, 0.5)))
     assert np.array_equal(open_volume(p).read((slice(0, 2), slice(None), slice(None))), data[:2])
+
+
+def test_io_dispatch_and_whole_volume_runs(tmp_path, volume):
+    """c3dseg.io reads and writes .ome.zarr through zarr_io, so whole-volume pipelines take and
+    write OME-Zarr too (-o x.ome.zarr is a single output)."""
+    from c3dseg.io import image_format, read_image, write_image
+    from c3dseg.runner.executor import Target
+
+    assert image_format("a.ome.zarr") == image_format("b.zarr") == "zarr"
+    assert Target.from_arg(str(tmp_path / "out.ome.zarr")).is_file
+    p = str(tmp_path / "v.ome.zarr")
+    write_image(p, Image(volume, (3.0, 1.0, 1.0), {"basename": "v"}))
+    img = read_image(p)
+    assert img.spacing == (3.0, 1.0, 1.0) and img.meta["format"] == "ome-zarr" and img.meta["basename"] == "v"
+    np.testing.assert_array_equal(img.data, volume)
+    assert read_image(p, spacing=(None, 0.5, 0.5)).spacing == (3.0, 0.5, 0.5)
+    bad = volume.copy()
+    bad[0, 0, 0] = np.nan
+    write_image(str(tmp_path / "nan.ome.zarr"), Image(bad))
+    with pytest.raises(InputError, match="non-finite"):
+        read_image(str(tmp_path / "nan.ome.zarr"))
+    with pytest.raises(ExecutionError, match="exists"):
+        write_image(p, Image(volume), overwrite=False)

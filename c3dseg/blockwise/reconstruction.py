@@ -51,8 +51,6 @@ from .values import Derived, RegionLeaf, Stored, evaluate
 
 log = logging.getLogger("c3dseg")
 
-# must equal c3dseg.reconstruction._MIN_FLOW (checked in the tests)
-_MIN_FLOW = 1e-4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,98 +60,6 @@ _MIN_FLOW = 1e-4
 def smoothing_radius(sigma: float) -> int:
     """Support of ``ndimage.gaussian_filter`` (truncate 4): int(4 sigma + 0.5), 0 without smoothing."""
     return int(4.0 * float(sigma) + 0.5) if sigma and sigma > 0 else 0
-
-
-def _channel(flows, c, sigma):
-    if sigma > 0:
-        return ndi.gaussian_filter(flows[c], sigma, mode="nearest", output=np.float32)
-    return flows[c]
-
-
-def block_step_map(flows, sigma, start, region: Region, shape, step, trusted=None):
-    """One tracking step of the foreground voxels ``start`` of a region, in global coordinates.
-
-    Mirrors :func:`c3dseg.reconstruction._step_map` operation for operation, with the voxel
-    coordinates offset by the region's origin and clipping to the whole volume.
-
-    Parameters
-    ----------
-    flows : (3, *region.shape) float32 over the region
-    start : (M,) int64 linear indices of the foreground voxels *in the region*
-    region : Region (global ``lo``/``hi``)
-    shape : whole-volume shape
-    trusted : (M,) bool, optional
-        Voxels whose flow is exact here; the others escape.
-
-    Returns
-    -------
-    nxt : (M,) int64 index into ``start`` of each voxel's next voxel, or ``M`` (escape)
-    """
-    rshape = region.shape
-    M = len(start)
-    disp = np.empty((3, M), np.float16)
-    for a in range(3):
-        ch = _channel(flows, a, sigma).reshape(-1)
-        f = ch[start]
-        del ch
-        f *= np.float32(-step)
-        disp[a] = f
-        del f
-    big = np.abs(disp[0])
-    np.maximum(big, np.abs(disp[1]), out=big)
-    np.maximum(big, np.abs(disp[2]), out=big)
-    small = np.flatnonzero((big < 0.5) & (big > _MIN_FLOW * step))
-    if len(small):
-        disp[:, small] /= big[small]
-    del big, small
-    local = np.unravel_index(start, rshape)
-    target = np.zeros(M, np.int64)
-    inside = np.ones(M, bool)
-    for a in range(3):
-        coord = (local[a].astype(np.int64) + region.lo[a]).astype(np.float32)
-        coord += disp[a]
-        np.rint(coord, out=coord)
-        np.clip(coord, 0, shape[a] - 1, out=coord)
-        ci = coord.astype(np.int64) - region.lo[a]        # back to region coordinates
-        del coord
-        inside &= (ci >= 0) & (ci < rshape[a])
-        np.clip(ci, 0, rshape[a] - 1, out=ci)
-        ci *= int(np.prod(rshape[a + 1:], dtype=np.int64))
-        target += ci
-        del ci
-    del disp
-    lut = np.full(int(np.prod(rshape, dtype=np.int64)), -1, dtype=np.int64)
-    lut[start] = np.arange(M, dtype=np.int64)
-    nxt = lut[target]
-    del target, lut
-    own = np.flatnonzero(nxt < 0)
-    nxt[own] = own
-    nxt[~inside] = M          # target beyond the region: unknown whether it is foreground
-    if trusted is not None:
-        nxt[~trusted] = M
-    return nxt
-
-
-def _compose(nxt: np.ndarray, n_iter: int) -> np.ndarray:
-    """``nxt`` applied ``n_iter`` times (pointer doubling; the escape state M maps to itself)."""
-    M = len(nxt)
-    ext = np.append(nxt, M)            # escape is absorbing
-    result = None
-    power = ext
-    n = n_iter
-    while True:
-        if n & 1:
-            result = power.copy() if result is None else power[result]
-        n >>= 1
-        if n == 0:
-            break
-        if np.array_equal(ext[power], power):
-            result = power if result is None else power[result]
-            break
-        power = power[power]
-    if result is None:
-        result = np.arange(M + 1, dtype=np.int64)
-    return result
 
 
 def _read_flows(flow_values, region: Region, shape) -> np.ndarray:
@@ -166,65 +72,80 @@ def _read_mask(mask_value, region: Region, shape) -> np.ndarray:
     return np.asarray(m) != 0
 
 
+def even_region(block, halo, shape) -> Region:
+    """The core grown by ``halo``, its origin moved down to even coordinates: the rounding of
+    ``p - s F(p)`` (half-way cases to even) then gives the same step in region and volume
+    coordinates."""
+    r = block.region(halo, shape)
+    lo = tuple(a - (a % 2) for a in r.lo)
+    return Region(lo, r.hi, r.start, r.stop)
+
+
 def track_block(block, flows, mask, first_flows, shape, params: dict, out_dir: str):
     """Dask task: end voxels of the block core's foreground (see the module docstring).
 
+    Runs :func:`c3dseg.reconstruction.track_voxels` itself on the core grown by the reach.  The
+    flows of a band along the grown block's artificial faces (as wide as the smoothing support
+    plus the largest step) are set to 0 after smoothing, so no voxel in the rest steps outside
+    the grown block or reads a flow that differs from the whole volume's; a voxel whose path
+    enters the band stops there, and a core voxel ending in the band means the reach was too
+    small: the block is redone with twice the reach.
+
     Writes ``<out_dir>/<block>.npy`` (end voxel, global linear index, of every tracked core voxel in
     C order) and ``<block>.uniq.npy`` (the distinct end voxels); returns the box holding the ends."""
-    step = float(params["step"])
-    n_iter = int(params["n_iter"])
+    from .. import reconstruction as rec
+
+    kw = dict(params["track"])
+    step = float(kw["step"])
     sigma = float(params.get("sigma", 0.0))
     reach = max(1, int(params["reach"]))
     srad = smoothing_radius(sigma)
+    band = srad + 2
     while True:
-        halo = [min(s, reach + srad + 1) for s in shape]
-        region = block.region(halo, shape)
+        halo = [min(s, reach + band) for s in shape]
+        region = even_region(block, halo, shape)
         rshape = region.shape
         m = _read_mask(mask, region, shape)
-        start = np.flatnonzero(m).astype(np.int64)
-        del m
         crop = region.crop
-        core_mask = np.zeros(rshape, bool)
-        core_mask[crop] = True
-        core_idx = np.flatnonzero(core_mask.reshape(-1)[start])
-        del core_mask
-        if len(core_idx) == 0 or n_iter == 0:
-            ends_core = _to_global(start[core_idx], region, shape)
+        core = np.zeros(rshape, bool)
+        core[crop] = True
+        core &= m
+        if not core.any() or int(kw.get("n_iter", 1)) == 0:
+            ends_core = _to_global(np.flatnonzero(core), region, shape)
             break
         f = _read_flows(flows, region, shape)
-        trusted = None
-        if srad:
-            # flows smoothed here are exact only away from the region's artificial edges
-            ok = np.ones(rshape, bool)
-            for a in range(3):
-                sl = [slice(None)] * 3
-                if region.lo[a] > 0:
-                    sl[a] = slice(0, srad)
-                    ok[tuple(sl)] = False
-                if region.hi[a] < shape[a]:
-                    sl[a] = slice(rshape[a] - srad, None)
-                    ok[tuple(sl)] = False
-            trusted = ok.reshape(-1)[start]
-            del ok
-        n_left = n_iter
-        first = None
-        if first_flows is not None:
-            ff = _read_flows(first_flows, region, shape)
-            first = block_step_map(ff, 0.0, start, region, shape, step)
-            del ff
-            n_left -= 1
-        nxt = block_step_map(f, sigma, start, region, shape, step, trusted)
-        del f
-        res = _compose(nxt, n_left)
-        del nxt
-        if first is not None:
-            res = res[np.append(first, len(start))]
-        end_core = res[core_idx]
-        escaped = int(np.count_nonzero(end_core == len(start)))
+        raw = _read_flows(first_flows, region, shape) if first_flows is not None else None
+        fmax = float(np.abs(f).max()) if f.size else 0.0
+        if raw is not None and raw.size:
+            fmax = max(fmax, float(np.abs(raw).max()))
+        need = srad + int(math.ceil(step * fmax)) + 2
+        if need > band:
+            band = need
+            continue
+        if sigma > 0:
+            f = rec.smooth_flows(f, sigma, out=f)
+        art = np.zeros(rshape, bool)          # the band along the artificial faces
+        for a in range(3):
+            sl = [slice(None)] * 3
+            if region.lo[a] > 0:
+                sl[a] = slice(0, band)
+                art[tuple(sl)] = True
+            if region.hi[a] < shape[a]:
+                sl[a] = slice(max(0, rshape[a] - band), None)
+                art[tuple(sl)] = True
+        f[:, art] = 0
+        if raw is not None:
+            raw[:, art] = 0
+        start, end = rec.track_voxels(f, m, sigma=0.0, unsmoothed_first_step=False, first_step_flows=raw,
+                                      interpolation="nearest", **kw)
+        del f, raw
+        in_core = core.reshape(-1)[start]
+        end_core = np.asarray(end)[in_core]
+        escaped = int(np.count_nonzero(art.reshape(-1)[end_core]))
         if escaped == 0:
-            ends_core = _to_global(start[end_core], region, shape)
+            ends_core = _to_global(end_core, region, shape)
             break
-        if all(h >= s for h, s in zip(halo, shape)):
+        if all(lo == 0 and hi == s for lo, hi, s in zip(region.lo, region.hi, shape)):
             raise ExecutionError(f"tracking of block {block.name} did not close (internal error)")
         log.debug("block %s: %d paths leave a reach of %d; retrying with %d", block.name, escaped, reach, 2 * reach)
         reach *= 2
@@ -277,18 +198,6 @@ def _to_global(lin_region, region: Region, shape) -> np.ndarray:
 # 2. sinks
 # ---------------------------------------------------------------------------------------------
 
-def _ball(radius: int) -> np.ndarray:
-    r = int(radius)
-    g = np.mgrid[-r:r + 1, -r:r + 1, -r:r + 1]
-    return np.sum(g * g, axis=0) <= r * r
-
-
-def _ball_offsets(radius: int) -> np.ndarray:
-    r = int(radius)
-    g = np.mgrid[-r:r + 1, -r:r + 1, -r:r + 1].reshape(3, -1)
-    return g[:, np.sum(g * g, axis=0) <= r * r]
-
-
 @dataclass
 class Ends:
     """Where a tracking (or an end-position image) left its end voxels: one .npy per block in
@@ -317,9 +226,12 @@ def sink_mask(block, ends: Ends, grid, radius: int):
 
     Dilation on the core grown by r from the end voxels within 2r, erosion (outside counted as
     occupied, as :func:`c3dseg.reconstruction.sink_labels` does) exact on the core."""
+    from .. import reconstruction as rec
+
     shape = grid.shape
     r = int(radius)
-    ext = 2 * r
+    mark = int(getattr(rec, "_MARK_RADIUS", 0)) if r > 0 else 0
+    ext = 2 * r + mark
     lo_e = [max(0, a - ext) for a in block.start]
     hi_e = [min(s, b + ext) for b, s in zip(block.stop, shape)]
     pts = []
@@ -338,11 +250,11 @@ def sink_mask(block, ends: Ends, grid, radius: int):
     rs = np.asarray(r1.shape)[:, None]
     dil = np.zeros(r1.shape, bool)
     loc = c - np.asarray(r1.lo)[:, None]
-    for off in _ball_offsets(r).T:
+    for off in rec._ball_offsets(r + mark).T:
         q = loc + off[:, None]
         ok = np.all((q >= 0) & (q < rs), axis=0)
         dil[tuple(q[:, ok])] = True
-    occ = ndi.binary_erosion(dil, _ball(r), border_value=1)
+    occ = ndi.binary_erosion(dil, rec._ball(r), border_value=1)
     closed = occ[r1.crop]
     closed |= pts_core
     return closed, pts_core
@@ -629,16 +541,20 @@ def _materialise_inputs(env, name, flows, first, mask):
 
 
 def track_values(env, name: str, flows, mask, *, step: float = 4.0, n_iter: int = 100, sigma: float = 0.0,
-                 first_step_flows=None, reach: int | None = None, interpolation: str = "nearest") -> Ends:
+                 first_step_flows=None, reach: int | None = None, interpolation: str = "nearest",
+                 **track_kwargs) -> Ends:
     """Blockwise :func:`c3dseg.reconstruction.track_voxels` (nearest): the end voxel of every
-    voxel of ``mask``, exactly as the whole-volume tracking finds it."""
+    voxel of ``mask``, exactly as the whole-volume tracking finds it.  ``first_step_flows``: the
+    flows of the first step (as ``track_voxels`` takes them; pass the unsmoothed flows when
+    ``sigma > 0`` and the first step is unsmoothed); other keywords go to ``track_voxels``."""
     if interpolation != "nearest":
         raise ExecutionError("blockwise tracking supports Interpolation=nearest only (linear tracking has no exact "
                              "cut yet); run without --blocks or use nearest", key="Interpolation")
     flows, first_step_flows, mask = _materialise_inputs(env, name, flows, first_step_flows, mask)
     out_dir = os.path.join(env.rt.work_dir, "ends", name)
     os.makedirs(out_dir, exist_ok=True)
-    params = {"step": step, "n_iter": n_iter, "sigma": sigma, "reach": reach or default_reach(step, n_iter)}
+    params = {"track": dict(track_kwargs, step=step, n_iter=n_iter), "sigma": sigma,
+              "reach": reach or default_reach(step, n_iter)}
     tr = env.reduce(f"{name}-track", track_block, flows, mask, first_step_flows, env.shape, params, out_dir,
                     desc=f"{name}: track")
     retried = sum(1 for v in tr.values() if v.get("reach", 0) > params["reach"])

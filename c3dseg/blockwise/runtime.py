@@ -103,8 +103,13 @@ def open_client(opts: ClusterOptions):
     env = {"OMP_NUM_THREADS": str(max(1, opts.threads_per_worker)),
            "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     try:
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": env,
-                              "distributed.worker.daemon": False}):
+        # tasks keep nothing in worker memory (blocks go to zarr, results to records): no spilling
+        # or pausing, which would only stall a worker near its limit; past 95 % it is restarted
+        # and its blocks rerun
+        cfg = {"distributed.nanny.pre-spawn-environ": env, "distributed.worker.daemon": False,
+               "distributed.worker.memory.target": False, "distributed.worker.memory.spill": False,
+               "distributed.worker.memory.pause": False, "distributed.worker.memory.terminate": 0.95}
+        with dask.config.set(cfg):
             cluster = LocalCluster(**kw)
             client = Client(cluster, set_as_default=False)
     except Exception as e:
