@@ -403,14 +403,32 @@ def _reconstruct_kwargs(cfg: dict, summary: dict) -> dict:
     return kw
 
 
+_SEGMENTATION: dict[str, Any] = {}
+
+
+def load_segmentation_tools() -> dict:
+    """Import the reconstruction and metric functions once, when training starts, so that a long
+    run validates with the code it started with.  Missing or broken: validation reports the loss
+    only (with a warning)."""
+    if not _SEGMENTATION:
+        try:
+            from ..metrics import average_precision, mean_cell_dice
+            from ..reconstruction import reconstruct
+        except Exception as e:  # noqa: BLE001 - any failure: train anyway, validate by the loss
+            log.warning("validation by segmentation is off (cannot import the reconstruction or metrics: %s: %s); "
+                        "validation reports the loss only", type(e).__name__, e)
+            _SEGMENTATION.update(reconstruct=None, average_precision=None, mean_cell_dice=None)
+        else:
+            _SEGMENTATION.update(reconstruct=reconstruct, average_precision=average_precision,
+                                 mean_cell_dice=mean_cell_dice)
+    return _SEGMENTATION
+
+
 def validate(model, volumes, cfg, device, amp, summary) -> dict:
     """Mean validation loss, AP@0.5 and per-cell Dice over (up to ``max_volumes``) volumes."""
-    from ..metrics import average_precision, mean_cell_dice
-
-    try:
-        from ..reconstruction import reconstruct
-    except ImportError:  # pragma: no cover - the module is part of the package
-        reconstruct = None
+    tools = load_segmentation_tools()
+    reconstruct = tools["reconstruct"]
+    average_precision, mean_cell_dice = tools["average_precision"], tools["mean_cell_dice"]
     v = cfg["validation"]
     lw = losses_mod.merge_config(cfg["loss"])
     res = {"val_loss": [], "val_ap50": [], "val_dice": [], "val_cells": 0, "val_pred_cells": 0}
@@ -431,9 +449,13 @@ def validate(model, volumes, cfg, device, amp, summary) -> dict:
             except Exception as e:  # a failing reconstruction must not stop training
                 log.warning("validation reconstruction failed on %s: %s", vol.name, e)
                 continue
-            ap = average_precision(vol.labels, labels, (0.5,))[0][0]
+            try:
+                ap = average_precision(vol.labels, labels, (0.5,))[0][0]
+                d = mean_cell_dice(vol.labels, labels)
+            except Exception as e:  # noqa: BLE001
+                log.warning("validation metrics failed on %s: %s", vol.name, e)
+                continue
             res["val_ap50"].append(0.0 if not np.isfinite(ap) else float(ap))
-            d = mean_cell_dice(vol.labels, labels)
             res["val_dice"].append(0.0 if not np.isfinite(d) else float(d))
             res["val_cells"] += int(len(np.unique(vol.labels)) - (1 if (vol.labels == 0).any() else 0))
             res["val_pred_cells"] += int(labels.max())
@@ -542,6 +564,8 @@ def train(config: dict, *, resume: bool = False, progress: bool | None = None) -
             log.info("resumed from %s at step %d", last_path, state["step"])
         else:
             log.warning("--resume: no checkpoint in %s; starting from scratch", out)
+    if val_volumes:
+        load_segmentation_tools()
     amp = choose_amp(model, cfg, device)
     scaler = torch.amp.GradScaler("cuda") if (amp == "fp16" and device == "cuda") else None
     data_info = {
