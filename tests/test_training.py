@@ -204,8 +204,12 @@ def test_training_lowers_loss_resumes_exports_and_predicts(dataset, tmp_path):
     assert res2["steps"] == 32
     assert [c.stat().st_mtime_ns for c in cached] == stamp  # read back, not recomputed
     with open(out / "log.csv") as fh:
-        steps = [int(r["step"]) for r in csv.DictReader(fh) if r["loss"]]
+        rows = list(csv.DictReader(fh))
+    steps = [int(r["step"]) for r in rows if r["loss"]]
     assert steps == [4, 8, 12, 16, 20, 24, 28, 32]
+    val = [r for r in rows if r["val_loss"]]
+    assert [int(r["step"]) for r in val] == [12, 24, 32]  # every 12 steps and at the end
+    assert all(r["val_ap50"] != "" and 0 <= float(r["val_dice"]) <= 1 for r in val)  # segmentation was scored
 
     # the exported model predicts through OnnxModel + TileMerger
     vol = membrane_image(voronoi_labels((20, 40, 36), 20, seed=9))
