@@ -31,7 +31,7 @@ import logging
 
 import numpy as np
 
-from .errors import InputError, ParameterError
+from .errors import ParameterError
 from .labels import check_labels, compress_labels, label_sums
 
 log = logging.getLogger("c3dseg")

@@ -56,7 +56,7 @@ from scipy import ndimage as ndi
 
 from .errors import InputError, ParameterError
 from .flows import FLOW_TYPES, cell_statistics, flows_for, iter_tanh_flows
-from .labels import check_labels, compress_labels, label_dtype, label_sums, relabel_consecutive
+from .labels import check_labels, label_dtype, label_sums, relabel_consecutive
 
 log = logging.getLogger("c3dseg")
 

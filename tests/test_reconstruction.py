@@ -360,6 +360,13 @@ def test_flow_reconstruction_filter_and_units():
     imgs = _images(lab, "heat")
     (out,), _ = FlowReconstructionFilter({"FlowType": "heat"}).run(imgs, [])
     assert evaluate(lab, out.data)["ap@0.5"] == 1.0
+    aniso = [im.derive(im.data) for im in imgs]
+    for im in aniso:
+        im.spacing = (3.0, 1.0, 1.0)
+    (o3,), _ = FlowReconstructionFilter({"FlowType": "heat", "UseImageSpacing": "1"}).run(aniso, [])
+    pred = np.stack([im.data for im in imgs])
+    np.testing.assert_array_equal(o3.data, reconstruct(pred[0], pred[1:], flow_type="heat",
+                                                       spacing=(3.0, 1.0, 1.0)))
     # MinRadiusUm uses the spacing: at 2 um voxels, 6 um = 3 voxels
     small = np.zeros((10, 10, 10), np.uint16)
     small[:3, :3, :3] = 1         # 27 voxels: r_eq = 1.86 voxels

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import C3DError, InputError, ParameterError
 from ..flows import FLOW_TYPES
-from ..labels import check_labels, label_dtype
+from ..labels import check_labels
 from ..reconstruction import (INTERPOLATIONS, cluster_sinks, filter_by_axis_ratio,
                               filter_by_flow_error, filter_by_foreground_overlap, filter_by_size,
                               foreground_mask, reconstruct, relabel_consecutive, smooth_flows,
@@ -46,6 +46,8 @@ P_STEP = Param("StepSize", "double", 4.0, "Tracking step scale: a voxel moves by
                "iteration (paper: s_recon = 4).", min=1e-6, unit="voxels")
 P_ITER = Param("NumIterations", "int", 100, "Maximum tracking iterations (paper: N_recon = 100); "
                "tracking stops earlier when nothing moves.", min=0, unit="iterations")
+P_SPACING = Param("UseImageSpacing", "bool", False, "1: the step is measured in the finest voxel size along "
+                  "every axis (StepSize x min(spacing) / spacing per axis), for anisotropic stacks.")
 P_INTERP = Param("Interpolation", "string", "nearest", "Flow sampling during tracking: nearest (voxel "
                  "grid, fast) or linear (trilinear, float positions).", choices=INTERPOLATIONS)
 P_CLOSING = Param("ClosingRadius", "int", 1, "Radius of the ball that closes the end-point map (end voxels "
@@ -177,7 +179,7 @@ class FlowTrackingFilter(Filter):
         Port("image", "raw_flow_x", "Unsmoothed flow along x for the first step", optional=True),
     )
     outputs = (Port("image", "end_points", "End positions (3, Z, Y, X) float32 in voxels"),)
-    params = (P_STEP, P_ITER, P_INTERP,
+    params = (P_STEP, P_ITER, P_INTERP, P_SPACING,
               Param("SmoothingSigma", "double", 0.0, "Gaussian smoothing applied here before tracking "
                     "(voxels; 0 when a FlowSmoothingFilter came first). The first step uses the "
                     "unsmoothed flows.", min=0.0, unit="voxels"))
@@ -194,7 +196,8 @@ class FlowTrackingFilter(Filter):
                 raw = _flows(self, images[4:7], "unsmoothed flows")
             ends = track(flows, mask, step=self.p["StepSize"], n_iter=self.p["NumIterations"],
                          interpolation=self.p["Interpolation"], sigma=self.p["SmoothingSigma"],
-                         first_step_flows=raw)
+                         first_step_flows=raw,
+                         spacing=images[1].spacing if self.p["UseImageSpacing"] else None)
         except C3DError as e:
             raise _err(self, e)
         return [images[0].derive(ends, is_label=False, channel_names=["end_z", "end_y", "end_x"],
@@ -346,8 +349,8 @@ class FlowReconstructionFilter(Filter):
         Param("ForegroundThreshold", "double", 0.5, "Voxels with foreground > this are tracked."),
         Param("SmoothingSigma", "double", 1.0, "Gaussian sigma of the flow smoothing (voxels; 0 = none).",
               min=0.0, unit="voxels"),
-        P_STEP, P_ITER, P_INTERP, P_CLOSING, P_FULLY, P_MINR, P_MAXR, P_MINR_UM, P_MAXR_UM, P_OVERLAP,
-        P_FLOWERR, P_FLOWTYPE, P_FLOWSCALE, P_AXIS,
+        P_STEP, P_ITER, P_INTERP, P_SPACING, P_CLOSING, P_FULLY, P_MINR, P_MAXR, P_MINR_UM, P_MAXR_UM,
+        P_OVERLAP, P_FLOWERR, P_FLOWTYPE, P_FLOWSCALE, P_AXIS,
     )
 
     @classmethod
@@ -371,7 +374,8 @@ class FlowReconstructionFilter(Filter):
                 fully_connected=p["FullyConnected"], min_radius_voxels=(3 * lo / (4 * math.pi)) ** (1 / 3),
                 max_radius_voxels=(3 * hi / (4 * math.pi)) ** (1 / 3) if math.isfinite(hi) else math.inf,
                 min_overlap=p["MinOverlap"], max_flow_error=None if p["MaxFlowError"] < 0 else p["MaxFlowError"],
-                min_axis_ratio=p["MinAxisRatio"] or None, flow_scale=parse_flow_scale(p["FlowScale"]))
+                min_axis_ratio=p["MinAxisRatio"] or None, flow_scale=parse_flow_scale(p["FlowScale"]),
+                spacing=images[1].spacing if p["UseImageSpacing"] else None)
         except C3DError as e:
             raise _err(self, e)
         return [_labels_out(images[0], labels)], []
