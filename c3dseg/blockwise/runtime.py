@@ -236,7 +236,8 @@ class Runtime:
         from distributed import as_completed
 
         client = self.client
-        # big arguments travel once (scattered), not once per task
+        # big arguments travel once (scattered to the workers), not once per task
+        args, kwargs, scattered = self._scatter_big(args, kwargs)
         key_base = f"c3d-{name}-{uuid.uuid4().hex[:6]}"
         futures = [client.submit(_run_task, fn, b, self.work_dir, name, args, kwargs, key=f"{key_base}-{b.name}",
                                  retries=self.retries, pure=False) for b in todo]
@@ -270,6 +271,24 @@ class Runtime:
         finally:
             if bar is not None:
                 bar.close()
+
+    def _scatter_big(self, args, kwargs, limit: int = 1 << 16):
+        """Arguments whose pickle exceeds ``limit`` bytes are scattered once (futures in their place)."""
+        import cloudpickle
+
+        def conv(v):
+            try:
+                big = len(cloudpickle.dumps(v)) > limit
+            except Exception:
+                return v
+            if not big:
+                return v
+            return self.client.scatter(v, broadcast=False, hash=False)
+
+        new_args = tuple(conv(a) for a in args)
+        new_kw = {k: conv(v) for k, v in kwargs.items()}
+        scattered = [v for v in list(new_args) + list(new_kw.values()) if type(v).__name__ == "Future"]
+        return new_args, new_kw, scattered
 
     def gather_small(self, fn: Callable, *args, **kwargs):
         """Run a one-off function on a worker (e.g. a probe) and return its result."""
