@@ -91,6 +91,11 @@ class _PredictorMixin:
     def _stream(self, img: Image, net: OnnxNetwork) -> TileStream:
         vol = self._volume(img, net.in_channels)
         plan = self._plan(img.shape3d, net.size_divisor, net.fixed_shape)
+        trained = getattr(net, "patch_size", None)
+        if trained and any(t < p and t < s for t, p, s in zip(plan.tile, trained, img.shape3d)):
+            log.warning("%s: tiles of %s are smaller than the training patches (%s); instance normalisation sees "
+                        "other statistics, so predictions may differ between tiles - use larger Patch sizes",
+                        self.name, "x".join(map(str, plan.tile)), "x".join(map(str, trained)))
         lo, hi = self.p.get("LowerPercentile", -1.0), self.p.get("UpperPercentile", -1.0)
         pct = (lo, hi) if lo >= 0 and hi >= 0 else None
         if pct is not None and not lo < hi:
