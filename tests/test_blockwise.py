@@ -382,6 +382,17 @@ def test_cli(tmp_path, inputs, capsys):
     assert open_volume(out).meta["ngff_version"] == "0.4"
     err = capsys.readouterr().err
     assert "progress: item_0005: track" in err and "done: 1 output(s)" in err
+    # an output folder: XPIWIT's layout with OME-Zarr stores, and the manifest
+    folder = tmp_path / "outdir"
+    assert main([path, "--blocks", ",".join(map(str, BLOCK)), "--workers", "1", "-q", "-o", str(folder) + "/"]
+                + ins) == 0
+    store = folder / "item_0005_FlowReconstructionFilter" / "p0_FlowReconstructionFilter_Out1.ome.zarr"
+    assert np.array_equal(open_volume(str(store)).read(), whole)
+    import json
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert [os.path.basename(f["path"]) for f in manifest["files"]] == [store.name]
+    assert not (folder / ".c3dseg-work").exists()
     # the output exists now: exit 2 without --overwrite
     assert main([path, "--blocks", "21,21,22", "-o", out] + ins) == 2
     assert "add --overwrite" in capsys.readouterr().err

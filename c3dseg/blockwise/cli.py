@@ -99,12 +99,17 @@ def run_blockwise_cli(args, plan, pipeline_path: str, runs: list[dict], target) 
     cluster = ClusterOptions(workers=args.workers or 0, memory_limit=args.memory_limit, scheduler=args.scheduler)
     progress = False if args.quiet else (True if sys.stderr.isatty() else "plain")
     failures = 0
+    entries = []
     for run_inputs in runs:
         opts = BlockwiseOptions(block=block, cluster=cluster, overwrite=args.overwrite, progress=progress,
                                 zarr_format=args.zarr_format, n_levels=args.levels,
                                 protected=tuple(run_inputs.values()))
         t0 = time.perf_counter()
         written = run_blockwise(plan, run_inputs, target, opts)
+        if not target.is_file:
+            from ..runner.cli import _entry
+
+            entries += [_entry(p, run_inputs) for p in written]
         if not args.quiet:
             g = opts.stats.get("grid", {})
             peaks = opts.stats.get("worker_peak_bytes") or {}
@@ -112,4 +117,8 @@ def run_blockwise_cli(args, plan, pipeline_path: str, runs: list[dict], target) 
             print(f"done: {len(written)} output(s) in {time.perf_counter() - t0:.1f} s, volume "
                   f"{'x'.join(map(str, g.get('shape', ())))}, {g.get('blocks', '?')} blocks of "
                   f"{'x'.join(map(str, g.get('block', ())))}{peak}; output: {target.path}", file=sys.stderr)
+    if not target.is_file:
+        from ..runner.cli import _write_manifest
+
+        _write_manifest(target.path, pipeline_path, entries, [])
     return 1 if failures else 0

@@ -154,23 +154,22 @@ def _work_dir(target, outputs: list[Output]) -> str:
 
 
 def plan_block_outputs(plan, inputs: dict[int, str], target) -> list[Output]:
-    """Every output of the run (paths known before it starts); folder outputs are OME-Zarr stores."""
+    """Every output of the run (paths known before it starts).  In an output folder, images are
+    OME-Zarr stores (``..._Out1.ome.zarr``, ``<basename>.ome.zarr``) instead of TIFF files; a
+    single output file and writers with their own FileName keep their format."""
     from ..runner.executor import plan_outputs
 
+    folder = None if target.is_file else os.path.abspath(target.path)
     out = []
     for p in plan_outputs(plan, inputs, target):
         path = p.path
-        if not target.is_file and p.kind in ("image", "writer") and path.lower().endswith(".tif") \
-                and not p.kind == "writer" or (not target.is_file and p.kind == "writer"
-                                               and os.path.dirname(os.path.abspath(path)) ==
-                                               os.path.abspath(target.path)):
-            if path.lower().endswith((".ome.tif", ".ome.tiff")):
-                path = path[: path.lower().rfind(".ome.tif")]
-            elif path.lower().endswith((".tif", ".tiff")):
-                path = path[: path.lower().rfind(".tif")]
-            else:
-                path = os.path.splitext(path)[0]
-            path += ".ome.zarr"
+        inside = folder is not None and os.path.abspath(path).startswith(folder + os.sep)
+        if inside and p.kind in ("image", "writer"):
+            low = path.lower()
+            for ext in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
+                if low.endswith(ext):
+                    path = path[: -len(ext)] + ".ome.zarr"
+                    break
         out.append(Output(p.item_id, p.kind, p.number, path))
     return out
 
@@ -272,8 +271,6 @@ def run_blockwise(plan, inputs: dict[int, str], target, opts: BlockwiseOptions) 
             os.makedirs(os.path.dirname(os.path.abspath(target.path)) or ".", exist_ok=True)
         else:
             os.makedirs(target.path, exist_ok=True)
-        if mode == "fresh" and not target.is_file or target.is_file:
-            pass
         os.makedirs(work_dir, exist_ok=True)
         with open(os.path.join(work_dir, "run.json"), "w") as f:
             json.dump(fp, f, indent=1)
