@@ -111,6 +111,20 @@ def test_geometric_resampling_recomputes_targets(dataset):
     assert set(np.unique(lab)) <= set(np.unique(vol.labels)) and lab.dtype == np.int32
 
 
+def test_isotropic_resampling_to_a_cell_size_with_cache(dataset, tmp_path):
+    args = (str(dataset / "images" / "s2.tif"), str(dataset / "labels" / "s2.tif"))
+    rs = {"cell_diameter_voxels": 6, "max_shape": [16, 24, 24]}
+    a = load_volume(*args, targets_cfg=TANH, resample_to=rs, cache_dir=str(tmp_path))
+    assert all(n <= m for n, m in zip(a.labels.shape, rs["max_shape"])) and len(set(a.spacing)) == 1
+    assert abs(np.median(a.cell_diameters_um) / a.spacing[0] - 6) < 1.5
+    b = load_volume(*args, targets_cfg=TANH, resample_to=rs, cache_dir=str(tmp_path))  # from the cache
+    np.testing.assert_array_equal(a.targets, b.targets)
+    assert len(list(tmp_path.glob("*.npy"))) == 1
+    c = load_volume(*args, targets_cfg=TANH, resample_to=dict(rs, max_shape=[8, 8, 8]), cache_dir=str(tmp_path))
+    assert c.labels.shape == (8, 8, 8)
+    assert len(list(tmp_path.glob("*.npy"))) == 2  # another setting, another entry
+
+
 def test_sampler_is_deterministic_per_patch_index(dataset):
     vol = load_volume(str(dataset / "images" / "s1.tif"), str(dataset / "labels" / "s1.tif"), targets_cfg=TANH)
     s = PatchSampler([vol], (16, 16, 16), augmenter=Augmenter(), targets_cfg=TANH, seed=7)

@@ -230,7 +230,7 @@ def _cache_file(cache_dir: str | None, label_path: str, spacing, targets_cfg, re
     key = json.dumps([_CACHE_VERSION, os.path.abspath(label_path), st.st_size, st.st_mtime_ns,
                       None if spacing is None else [float(v) for v in spacing],
                       {k: v for k, v in sorted(targets_cfg.items())},
-                      None if resample_to is None else [float(v) for v in resample_to]], default=str)
+                      resample_to], default=str, sort_keys=True)
     h = hashlib.sha1(key.encode()).hexdigest()[:16]
     return os.path.join(cache_dir, f"{_stem(label_path)}-{h}.npy")
 
@@ -278,6 +278,7 @@ def load_volume(image_path: str, label_path: str, *, spacing=None, norm_cfg: dic
         raise InputError("labels must not be negative", file=label_path)
     lab = lab.astype(np.uint16 if (lab.size and lab.max() <= 65535) else np.int32)  # compact in memory
     spacing_used = sp_img
+    resample_cfg = resample_to  # as configured (the cache key)
     max_shape = None
     if isinstance(resample_to, dict):  # {"cell_diameter_voxels": D}: isotropic, median cell D voxels across
         max_shape = resample_to.get("max_shape")
@@ -298,7 +299,7 @@ def load_volume(image_path: str, label_path: str, *, spacing=None, norm_cfg: dic
         spacing_used = tuple(float(t) for t in resample_to)
     image = normalise_image(img, norm_cfg)
     # float16 in memory (half the size; flows in (-1, 1) keep ~1e-3 precision); patches are float32
-    cache = _cache_file(cache_dir, label_path, spacing, targets_cfg, resample_to)
+    cache = _cache_file(cache_dir, label_path, spacing, targets_cfg, resample_cfg)
     targets = _cached_targets(cache, lab, targets_cfg, spacing_used)
     fg = np.flatnonzero(lab.ravel() > 0)
     rng = np.random.default_rng(seed)
