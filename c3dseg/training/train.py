@@ -566,6 +566,7 @@ def train(config: dict, *, resume: bool = False, progress: bool | None = None) -
             log.warning("--resume: no checkpoint in %s; starting from scratch", out)
     if val_volumes:
         load_segmentation_tools()
+    from .export import export_onnx  # imported now: the run ends with the code it started with
     amp = choose_amp(model, cfg, device)
     scaler = torch.amp.GradScaler("cuda") if (amp == "fp16" and device == "cuda") else None
     data_info = {
@@ -724,8 +725,6 @@ def train(config: dict, *, resume: bool = False, progress: bool | None = None) -
               "best_step": state["best_step"], "last": last_path, "best_checkpoint": best_path,
               "log": os.path.join(out, "log.csv"), "interrupted": interrupted, "amp": amp}
     if cfg["export"]["onnx"] and not interrupted and os.path.isfile(best_path):
-        from .export import export_onnx
-
         try:
             result["onnx"] = export_onnx(best_path, os.path.join(out, "model.onnx"),
                                          opset=int(cfg["export"]["opset"]))["path"]
