@@ -92,16 +92,20 @@ def make_synthetic_inputs(client, folder, shape, block, cell=12.0, noise=0.1, se
     from c3dseg.blockwise.runtime import Runtime
     from c3dseg.zarr_io import create_zarr
 
-    paths = []
-    for name in ("fg", "fz", "fy", "fx"):
-        p = os.path.join(folder, f"{name}.ome.zarr")
+    from c3dseg.zarr_io import open_volume
+
+    paths = [os.path.join(folder, f"{name}.ome.zarr") for name in ("fg", "fz", "fy", "fx")]
+    marker = os.path.join(folder, f"inputs-{'x'.join(map(str, shape))}-{seed}.done")
+    if os.path.exists(marker) and all(os.path.isdir(p) and open_volume(p).shape == tuple(shape) for p in paths):
+        return paths                      # made by an earlier run with --work
+    for p in paths:
         create_zarr(p, shape, np.float32, chunks=block, overwrite=True)
-        paths.append(p)
     grid = BlockGrid(shape, block)
     rt = Runtime(client, grid, os.path.join(folder, "gen-work"))
     seeds = lattice_seeds(shape, cell, seed)
     rt.run_pass("gen", synthetic_block, seeds, [p + "/0" for p in paths], noise, seed, collect=False)
     shutil.rmtree(os.path.join(folder, "gen-work"), ignore_errors=True)
+    open(marker, "w").close()
     return paths
 
 

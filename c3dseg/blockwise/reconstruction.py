@@ -63,8 +63,10 @@ def smoothing_radius(sigma: float) -> int:
 
 
 def _read_flows(flow_values, region: Region, shape) -> np.ndarray:
-    arrays = evaluate(list(flow_values), region.lo, region.hi, shape)
-    return np.stack([np.asarray(a, np.float32) for a in arrays])
+    out = np.empty((3,) + tuple(region.shape), np.float32)
+    for a, v in enumerate(flow_values):
+        out[a] = evaluate([v], region.lo, region.hi, shape)[0]
+    return out
 
 
 def _read_mask(mask_value, region: Region, shape) -> np.ndarray:

@@ -100,8 +100,11 @@ def open_client(opts: ClusterOptions):
                               silence_logs=logging.ERROR)
     kw["memory_limit"] = mem if mem else ("auto" if opts.processes else 0)
     # single-threaded numerics inside each worker: the workers are the parallelism
+    # (and few malloc arenas: zarr's decoding threads otherwise leave memory in per-thread arenas,
+    # which inflates a worker's resident size well past what its arrays hold)
     env = {"OMP_NUM_THREADS": str(max(1, opts.threads_per_worker)),
-           "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+           "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "MALLOC_ARENA_MAX": "2", "MALLOC_TRIM_THRESHOLD_": "65536"}
     try:
         # tasks keep nothing in worker memory (blocks go to zarr, results to records): no spilling
         # or pausing, which would only stall a worker near its limit; past 95 % it is restarted
