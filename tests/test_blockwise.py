@@ -244,6 +244,22 @@ def test_generic_filters_identical(tmp_path, client):
     img = read_image(out)
     assert np.array_equal(img.data, whole) and img.spacing == pytest.approx((2.0, 0.5, 0.5))
     assert sorted(os.listdir(tmp_path)) == sorted(["b.ome.zarr", "b.tif", "generic.xml", "in.tif", "whole.tif"])
+    # a label image in: volumes summed across blocks, kept labels renumbered in order
+    from c3dseg.synthesis import voronoi_labels
+
+    lab = voronoi_labels(SHAPE, 60, seed=4)
+    lab[lab % 7 == 0] = 0
+    lsrc = str(tmp_path / "labels.tif")
+    write_image(lsrc, Image(lab, (1.0, 1.0, 1.0), {"is_label": True}))
+    path = _pipeline(
+        tmp_path, "labels", item("item_0001", "ImageReader", [("cmd", 0)], params={"KeepDataType": 1}),
+        item("item_0002", "VolumeBasedRegionRejectionFilter", [("item_0001", 1)],
+             params={"BinaryInput": 0, "LabelOutput": 1, "MinimumVolume": 500, "MaximumVolume": 1500}),
+        item("item_0003", "ImageWriter", [("item_0002", 1)], outputs=()))
+    whole = _whole(path, {0: lsrc}, str(tmp_path / "lwhole.tif"))
+    res, _ = _blockwise(path, {0: lsrc}, str(tmp_path / "l.ome.zarr"), client, block=(10, 13, 12))
+    assert 5 < whole.max() < len(np.unique(lab)) - 1
+    assert np.array_equal(res, whole)
 
 
 # ---------------------------------------------------------------------------------------------

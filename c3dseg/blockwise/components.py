@@ -119,11 +119,21 @@ def _local_to_global(lin: np.ndarray, block: Block, shape) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _load_npy(path: str, mtime: float) -> np.ndarray:
-    return np.load(path, mmap_mode=None)
+    return np.load(path, mmap_mode="r")   # memory-mapped: a worker holds only the pages it touches
+
+
+def save_table(path: str, arr) -> str:
+    """Write a .npy table atomically (a new file, renamed into place): workers that memory-mapped
+    an earlier version keep reading that one."""
+    tmp = f"{path}.{os.getpid()}.tmp.npy"
+    np.save(tmp, np.asarray(arr))
+    os.replace(tmp, path)
+    return path
 
 
 def load_table(path: str) -> np.ndarray:
-    """A small .npy table, cached per worker process (keyed by path and modification time)."""
+    """A .npy table, memory-mapped and cached per worker process (keyed by path and modification
+    time): tables with one row per cell do not count against a worker's memory as a whole."""
     return _load_npy(path, os.path.getmtime(path))
 
 
@@ -233,7 +243,7 @@ def label_components_blockwise(rt, name: str, mask_fn: Callable, *, fully_connec
     offsets[1:] = np.cumsum(counts)[:-1]
     total = int(counts.sum())
     offsets_path = rt.path("tables", f"{name}-offsets.npy")
-    np.save(offsets_path, offsets)
+    save_table(offsets_path, offsets)
     pairs = rt.run_pass(f"{name}-join", border_pairs, labels_path, offsets_path, grid, fully_connected,
                         desc=f"{name}: join borders")
     edges = [p for p in pairs.values() if len(p)]
@@ -257,7 +267,7 @@ def label_components_blockwise(rt, name: str, mask_fn: Callable, *, fully_connec
     gid[order] = np.arange(1, len(order) + 1)
     lookup = gid[comp] if total else np.zeros(0, np.int64)
     lookup_path = rt.path("tables", f"{name}-lookup.npy")
-    np.save(lookup_path, lookup)
+    save_table(lookup_path, lookup)
     n = len(order)
     g_size = np.zeros(n + 1, np.int64)
     g_size[1:] = m_size[order]

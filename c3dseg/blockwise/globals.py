@@ -391,7 +391,7 @@ def _lut_sparse(data, ids_path, new_path, dtype):
 @register_global("VolumeBasedRegionRejectionFilter")
 def _region_rejection(env, step, images, metas):
     from ..labels import label_dtype
-    from .components import label_components_blockwise
+    from .components import label_components_blockwise, save_table
 
     p = step.params
     item = step.item.item_id
@@ -426,8 +426,8 @@ def _region_rejection(env, step, images, metas):
         new = (new > 0).astype(np.int64)
     ids_path = env.rt.path("tables", f"{item}-ids.npy")
     new_path = env.rt.path("tables", f"{item}-new.npy")
-    np.save(ids_path, ids)
-    np.save(new_path, new)
+    save_table(ids_path, ids)
+    save_table(new_path, new)
     dt = np.dtype(label_dtype(n)) if p["LabelOutput"] else np.dtype(np.uint8)
     out = env.node("func", [v], func=_lut_sparse, kwargs={"ids_path": ids_path, "new_path": new_path,
                                                           "dtype": dt.str},

@@ -45,7 +45,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..errors import ExecutionError, InputError
-from .components import label_components_blockwise, global_labels, load_table
+from .components import global_labels, label_components_blockwise, load_table, save_table
 from .grid import Region
 from .values import Derived, RegionLeaf, Stored, evaluate
 
@@ -436,7 +436,7 @@ def cell_features(env, name: str, labels_value, ids, first, lo, hi, *, flows=Non
     owners = grid.block_of(np.stack(np.unravel_index(first, grid.shape)))
     order = np.argsort(ids)
     owned_path = env.rt.path("tables", f"{name}-owned.npy")
-    np.save(owned_path, np.stack([ids[order], owners[order].astype(np.int64)]))
+    save_table(owned_path, np.stack([ids[order], owners[order].astype(np.int64)]))
     if max_flow_error is not None:
         flows = [v if _cheap(v) else env.materialise(v, f"{name}-flow{'zyx'[a]}") for a, v in enumerate(flows)]
     owner_set = set(int(x) for x in np.unique(owners))
@@ -476,8 +476,8 @@ def relabel(env, name: str, value, ids, new, dtype, meta=None) -> Derived:
     new = np.asarray(new, np.int64)
     ids_path = env.rt.path("tables", f"{name}-ids.npy")
     new_path = env.rt.path("tables", f"{name}-new.npy")
-    np.save(ids_path, ids)
-    np.save(new_path, new)
+    save_table(ids_path, ids)
+    save_table(new_path, new)
     dt = np.dtype(dtype)
     m = dict(value.meta) if value is not None else {}
     m.update(meta or {})
