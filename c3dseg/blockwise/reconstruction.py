@@ -102,7 +102,7 @@ def track_block(block, flows, mask, first_flows, shape, params: dict, out_dir: s
     sigma = float(params.get("sigma", 0.0))
     reach = max(1, int(params["reach"]))
     srad = smoothing_radius(sigma)
-    band = srad + 2
+    band = srad + int(math.ceil(1.5 * step)) + 2       # enough for |flow| <= 1.5; widened when not
     while True:
         halo = [min(s, reach + band) for s in shape]
         region = even_region(block, halo, shape)
@@ -116,14 +116,18 @@ def track_block(block, flows, mask, first_flows, shape, params: dict, out_dir: s
             ends_core = _to_global(np.flatnonzero(core), region, shape)
             break
         f = _read_flows(flows, region, shape)
-        raw = _read_flows(first_flows, region, shape) if first_flows is not None else None
+        if first_flows is None:
+            raw = None
+        elif list(first_flows) == list(flows):
+            raw = f.copy()                   # the first step on the unsmoothed flows themselves
+        else:
+            raw = _read_flows(first_flows, region, shape)
         fmax = float(np.abs(f).max()) if f.size else 0.0
         if raw is not None and raw.size:
             fmax = max(fmax, float(np.abs(raw).max()))
-        need = srad + int(math.ceil(step * fmax)) + 2
-        if need > band:
-            band = need
-            continue
+        # the band must hold the smoothing support plus the largest step; when the flows are larger
+        # than assumed it widens inside the region already read (less reach: escapes say so)
+        band = max(band, srad + int(math.ceil(step * fmax)) + 2)
         if sigma > 0:
             f = rec.smooth_flows(f, sigma, out=f)
         art = np.zeros(rshape, bool)          # the band along the artificial faces
