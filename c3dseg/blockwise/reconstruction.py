@@ -774,19 +774,19 @@ def _relabel_impl(env, step, images, metas):
     return [relabel(env, item, images[0], ids, np.arange(1, len(ids) + 1), label_dtype(len(ids)))], []
 
 
-def _tracking_halo(params, spacing=None):
+def tracking_halo(params, spacing=None):
     r = default_reach(params.get("StepSize", 1.0), params.get("NumIterations", 25)) + \
         smoothing_radius(params.get("SmoothingSigma", 0.0)) + 1
     return (r, r, r)
 
 
-def _reconstruction_halo(params, spacing=None):
+def reconstruction_halo(params, spacing=None):
     r = default_reach(params.get("StepSize", 4.0), params.get("NumIterations", 100)) + \
         smoothing_radius(params.get("SmoothingSigma", 0.0)) + 1
     return (r, r, r)
 
 
-def _sinks_halo(params, spacing=None):
+def sinks_halo(params, spacing=None):
     r = 2 * int(params.get("ClosingRadius", 3))
     return (r, r, r)
 
@@ -794,8 +794,8 @@ def _sinks_halo(params, spacing=None):
 def _register_halos():
     from .globals import GLOBAL_HALOS
 
-    GLOBAL_HALOS.update({"FlowTrackingFilter": _tracking_halo, "GradientVectorFlowTrackingImageFilter": _tracking_halo,
-                         "FlowReconstructionFilter": _reconstruction_halo, "SinkClusteringFilter": _sinks_halo})
+    GLOBAL_HALOS.update({"FlowTrackingFilter": tracking_halo, "GradientVectorFlowTrackingImageFilter": tracking_halo,
+                         "FlowReconstructionFilter": reconstruction_halo, "SinkClusteringFilter": sinks_halo})
 
 
 _register_halos()

@@ -166,6 +166,7 @@ class FlowTrackingFilter(Filter):
     """Stage 2: every foreground voxel follows the flows; the output holds its end position."""
 
     name = "FlowTrackingFilter"
+    blockwise = "global"  # exact blockwise form: c3dseg.blockwise.reconstruction
     description = ("Moves every foreground voxel along the flows (p -> p - StepSize x flow) and outputs its "
                    "end position as a 3-channel (z, y, x) float32 image; NaN where not tracked.")
     category = "ImageFilter"
@@ -183,6 +184,12 @@ class FlowTrackingFilter(Filter):
               Param("SmoothingSigma", "double", 0.0, "Gaussian smoothing applied here before tracking "
                     "(voxels; 0 when a FlowSmoothingFilter came first). The first step uses the "
                     "unsmoothed flows.", min=0.0, unit="voxels"))
+
+    def halo(self, spacing=(1.0, 1.0, 1.0)):
+        """Context the blockwise passes read at least (the starting tracking reach)."""
+        from ..blockwise.reconstruction import tracking_halo
+
+        return tracking_halo(self.p)
 
     def run(self, images, metas):
         try:
@@ -209,12 +216,19 @@ class SinkClusteringFilter(Filter):
     """Stage 3: close the end-point map, label it, give every voxel the label of its end point."""
 
     name = "SinkClusteringFilter"
+    blockwise = "global"  # exact blockwise form: c3dseg.blockwise.reconstruction
     description = ("Closes the map of end points with a ball, labels its connected components and gives "
                    "every tracked voxel the label of its end point.")
     category = "ImageFilter"
     inputs = (Port("image", "end_points", "End positions from FlowTrackingFilter (3, Z, Y, X)"),)
     outputs = (Port("image", "labels", "Labels (uint16; uint32 past 65535 cells)"),)
     params = (P_CLOSING, P_FULLY)
+
+    def halo(self, spacing=(1.0, 1.0, 1.0)):
+        """Context the blockwise passes read at least (twice the closing radius)."""
+        from ..blockwise.reconstruction import sinks_halo
+
+        return sinks_halo(self.p)
 
     def run(self, images, metas):
         img = images[0]
@@ -230,6 +244,7 @@ class SinkClusteringFilter(Filter):
 
 
 class _LabelFilter(Filter):
+    blockwise = "global"  # per-cell tables across blocks: c3dseg.blockwise.reconstruction
     category = "ImageFilter"
     outputs = (Port("image", "labels", "Filtered labels (removed cells set to 0)"),)
 
@@ -335,6 +350,7 @@ class FlowReconstructionFilter(Filter):
     """The paper's post-processing in one item (the stages above with the same parameters)."""
 
     name = "FlowReconstructionFilter"
+    blockwise = "global"  # exact blockwise form: c3dseg.blockwise.reconstruction
     description = ("Cell instances from a foreground map and flows: smoothing, threshold, tracking, sink "
                    "closing, size / overlap / flow-error / axis-ratio filters, consecutive labels.")
     category = "ImageFilter"
@@ -360,6 +376,12 @@ class FlowReconstructionFilter(Filter):
             parse_flow_scale(p["FlowScale"])
         except ParameterError as e:
             raise e.located(filter=cls.name)
+
+    def halo(self, spacing=(1.0, 1.0, 1.0)):
+        """Context the blockwise passes read at least (the starting tracking reach)."""
+        from ..blockwise.reconstruction import reconstruction_halo
+
+        return reconstruction_halo(self.p)
 
     def run(self, images, metas):
         p = self.p
@@ -393,6 +415,7 @@ class GradientVectorFlowTrackingImageFilter(Filter):
     """
 
     name = "GradientVectorFlowTrackingImageFilter"
+    blockwise = "global"  # exact blockwise form: c3dseg.blockwise.reconstruction
     description = "Two or three channel filter that traces the gradient flow."
     category = "ImageFilter"
     inputs = (
@@ -413,6 +436,12 @@ class GradientVectorFlowTrackingImageFilter(Filter):
         Param("StepSize", "double", 1.0, "Step scale: a voxel moves by StepSize x flow per iteration "
               "(c3dseg extension; 1 moves at most one voxel per axis).", min=1e-6, unit="voxels"),
     )
+
+    def halo(self, spacing=(1.0, 1.0, 1.0)):
+        """Context the blockwise passes read at least (the starting tracking reach)."""
+        from ..blockwise.reconstruction import tracking_halo
+
+        return tracking_halo(self.p)
 
     def run(self, images, metas):
         try:
