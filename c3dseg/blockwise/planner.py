@@ -30,6 +30,14 @@ from .grid import Triple, as_triple
 
 MODES = ("pointwise", "local", "global")
 
+#: what to do instead, for filters that cannot be cut
+HINTS = {
+    "ResampleImageFilter": "blockwise runs keep one voxel grid: resample the stack beforehand (a whole-volume "
+                           "run, or the tool that wrote it), then drop the resampling items",
+    "ResampleToModelScale": "blockwise runs keep one voxel grid: bring the stack to the model's scale beforehand "
+                            "and drop ResampleToModelScale and the ResampleImageFilter that undoes it",
+}
+
 
 @dataclass
 class StepInfo:
@@ -99,8 +107,9 @@ def plan_blocks(plan, spacing=(1.0, 1.0, 1.0), block=None, shape=None) -> BlockP
         it = step.item
         mode = _step_mode(step)
         if mode == "none" or mode not in MODES + ("reader", "writer"):
+            hint = HINTS.get(it.name, "run without --blocks")
             raise PipelineError(f"{it.name} cannot be run blockwise (the filter declares no way to cut it into "
-                                "blocks); run without --blocks", file=file, item=it.item_id, filter=it.name)
+                                f"blocks); {hint}", file=file, item=it.item_id, filter=it.name)
         info = StepInfo(it.item_id, it.name, mode)
         if mode == "reader":
             if step.params.get("UseSeriesReader"):
