@@ -428,7 +428,8 @@ def part_speedup(work, quick):
             results[workers] = vol.read()
         finally:
             close_client(client, cl)
-    print(f"4. speed-up: volume {'x'.join(map(str, shape))}, blocks {'x'.join(map(str, block))} "
+    print(f"4. speed-up (load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): volume "
+          f"{'x'.join(map(str, shape))}, blocks {'x'.join(map(str, block))} "
           f"({opts.stats['grid']['blocks']}); 1 worker {times[1]:.1f} s, 2 workers {times[2]:.1f} s: "
           f"{times[1] / times[2]:.2f}x (same labels: {np.array_equal(results[1], results[2])})")
 
@@ -443,7 +444,8 @@ def main():
     args = ap.parse_args()
     work = args.work or tempfile.mkdtemp(prefix="c3d-blockwise-")
     os.makedirs(work, exist_ok=True)
-    print(f"c3dseg blockwise benchmark ({os.cpu_count()} cores)")
+    print(f"c3dseg blockwise benchmark ({os.cpu_count()} cores, load average at start "
+          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())})")
     try:
         if "1" in args.parts or "2" in args.parts:
             from c3dseg.blockwise.runtime import close_client
