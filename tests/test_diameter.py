@@ -1,0 +1,131 @@
+"""Cell-diameter estimate, seeded-watershed baseline and their filters."""
+
+import math
+
+import numpy as np
+import pytest
+
+from c3dseg import synthesis as S
+from c3dseg.diameter import estimate_cell_diameter
+from c3dseg.errors import InputError
+from c3dseg.filters.base import get_filter
+from c3dseg.image import Image
+from c3dseg.metrics import evaluate
+from c3dseg.watershed import noise_sigma, normalise_percentiles, region_diameters, seeded_watershed, tissue_mask
+
+EASY = {"photons": 300.0, "read_noise": 1.0, "haze": 0.05, "faint_wall_fraction": 0.0, "speck_density": 0.0,
+        "anisotropy": 1.5, "cell_diameter_vox": 12.0, "wall_texture": 0.1, "depth_decay": 0.3,
+        "illumination": 0.1, "stretch": 1.2, "size_cv": 0.1, "size_gradient": 0.1}
+
+
+@pytest.fixture(scope="module")
+def easy():
+    return S.make_sample({**EASY, "tissue": "full"}, 3, shape=(32, 80, 80))
+
+
+@pytest.fixture(scope="module")
+def organ():
+    return S.make_sample({**EASY, "tissue": "ovoid"}, 5, shape=(32, 80, 80))
+
+
+def test_estimate_close_to_truth(easy):
+    img, lab, sp, p = easy
+    d = estimate_cell_diameter(img, sp)
+    assert abs(d / p["median_diameter_um"] - 1) < 0.25
+
+
+def test_estimate_scales_with_spacing(easy):
+    img, lab, sp, p = easy
+    d1 = estimate_cell_diameter(img, sp)
+    d2 = estimate_cell_diameter(img, tuple(2 * s for s in sp))
+    assert d2 == pytest.approx(2 * d1, rel=1e-6)
+    # an intensity scaling changes nothing (percentile normalisation)
+    assert estimate_cell_diameter(img * 7 + 100, sp) == pytest.approx(d1, rel=1e-6)
+
+
+def test_estimate_details_and_large_images_use_a_block(easy):
+    img, lab, sp, p = easy
+    d, info = estimate_cell_diameter(img, sp, max_voxels=60000, return_details=True)
+    assert np.prod(info["block_shape"]) <= 60000 + 80 * 80
+    assert len(info["passes"]) == 2 and math.isfinite(d)
+
+
+def test_featureless_image_gives_nan():
+    assert math.isnan(estimate_cell_diameter(np.zeros((16, 32, 32), np.uint16), (1, 1, 1)))
+
+
+@pytest.mark.parametrize("bad", [np.zeros((32, 32)), np.zeros((2, 8, 8, 8))])
+def test_bad_shape(bad):
+    with pytest.raises(InputError):
+        estimate_cell_diameter(bad, (1, 1, 1))
+
+
+def test_bad_spacing():
+    with pytest.raises(InputError):
+        estimate_cell_diameter(np.zeros((8, 8, 8)), (1, 0, 1))
+
+
+def test_noise_sigma_ignores_sheets():
+    rng = np.random.default_rng(0)
+    walls = np.zeros((32, 32, 32), np.float32)
+    walls[:, ::6, :] = 5.0          # bright planes
+    walls[:, :, ::7] = 5.0
+    noisy = walls + rng.normal(0, 0.3, walls.shape).astype(np.float32)
+    assert noise_sigma(noisy) == pytest.approx(0.3, rel=0.1)
+    # a 1D-difference estimate would be inflated by the planes
+    d = np.diff(noisy, axis=2)
+    assert np.median(np.abs(d)) / 0.6745 / np.sqrt(2) > 0.36
+
+
+def test_watershed_recovers_clear_cells(easy):
+    img, lab, sp, p = easy
+    pred = seeded_watershed(img, sp, diameter_um=p["median_diameter_um"])
+    assert pred.dtype == np.uint16
+    ids = np.unique(pred)
+    np.testing.assert_array_equal(ids[ids > 0], np.arange(1, pred.max() + 1))
+    r = evaluate(lab, pred)
+    assert r["interior"]["mean_dice"] > 0.7
+    assert r["ap@0.5"] > 0.5
+
+
+def test_watershed_background(organ):
+    img, lab, sp, p = organ
+    pred = seeded_watershed(img, sp, diameter_um=p["median_diameter_um"])
+    bg_gt = lab == 0
+    agree = np.mean((pred == 0) == bg_gt)
+    assert agree > 0.8
+    # no background asked: every voxel labelled
+    assert (seeded_watershed(img, sp, diameter_um=p["median_diameter_um"], background="none") > 0).all()
+    # evenly lit dense tissue: no background found
+    img2, _, sp2, p2 = S.make_sample({**EASY, "tissue": "full", "depth_decay": 0.0, "illumination": 0.0}, 3,
+                                     shape=(24, 48, 48))
+    g = normalise_percentiles(img2)
+    assert tissue_mask(g, sp2, p2["median_diameter_um"]) is None
+
+
+def test_region_diameters_planar():
+    lab = np.zeros((2, 10, 10), np.uint16)
+    lab[0, 2:6, 2:6] = 1   # 16 px
+    lab[1, 1:9, 1:9] = 2   # 64 px
+    d = region_diameters(lab, (5.0, 0.5, 0.5), planar=True, exclude_border=False)
+    np.testing.assert_allclose(d, np.sqrt(4 * np.array([16, 64]) * 0.25 / np.pi))
+
+
+def test_filters(easy):
+    img, lab, sp, p = easy
+    est = get_filter("EstimateCellDiameter")
+    ws = get_filter("SeededWatershed")
+    assert est is not None and ws is not None
+    image = Image(img, sp, {"basename": "easy"})
+    out, metas = est({}).run([image], [])
+    d = out[0].meta["cell_diameter_um"]
+    assert out[0].data is image.data
+    assert metas[0].column("cell_diameter_um")[0] == pytest.approx(d)
+    labels, _ = ws({}).run([out[0]], [])
+    assert labels[0].meta["is_label"] and labels[0].data.dtype == np.uint16
+    direct = seeded_watershed(img, sp, diameter_um=d)
+    np.testing.assert_array_equal(labels[0].data, direct)
+    with pytest.raises(InputError):
+        est({"Channel": 3}).run([Image(np.stack([img, img]), sp)], [])
+    two, _ = est({"Channel": 1}).run([Image(np.stack([img * 0, img]), sp)], [])
+    assert two[0].meta["cell_diameter_um"] == pytest.approx(d)
