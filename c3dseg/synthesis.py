@@ -112,8 +112,8 @@ TRAIN_RANGES: dict[str, Any] = {
     # tissue
     "tissue": {"choice": ["dome", "slab", "ovoid", "irregular", "full"], "p": [0.3, 0.2, 0.12, 0.2, 0.18]},
     "surface_roughness": {"uniform": [0.0, 0.3]},     # bumps of the outline, x cell diameter
-    "epidermis_layers": {"choice": [0, 1, 2, 3], "p": [0.25, 0.3, 0.3, 0.15]},
-    "layer_thickness": {"uniform": [0.4, 0.9]},       # x cell diameter
+    "epidermis_layers": {"choice": [1, 2, 3], "p": [0.45, 0.4, 0.15]},  # a surface always has whole cells
+    "layer_thickness": {"uniform": [0.4, 1.0]},       # x cell diameter
     "layer_cell_width": {"uniform": [0.9, 1.5]},      # x cell diameter
     # grid
     "spacing_xy": {"loguniform": [0.2, 1.0]},         # um
@@ -178,6 +178,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESET_SEED_OFFSET = {"train": 0, "validation": 10 ** 6, "ood": 2 * 10 ** 6}
 
 DEFAULT_SHAPE = (64, 128, 128)
+
+#: Threads of the nearest-seed queries (-1: all cores; c3d-synth --jobs sets 1 per worker process).
+_KD_WORKERS = -1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +437,7 @@ def _stretch_matrix(factor, direction):
 
 
 def _power_nearest(tree, seeds, weights, pts, k):
-    d, idx = tree.query(pts, k=k, workers=-1)
+    d, idx = tree.query(pts, k=k, workers=_KD_WORKERS)
     if k == 1:
         d, idx = d[:, None], idx[:, None]
     pw = d * d - weights[idx]
@@ -1008,6 +1011,10 @@ def main(argv=None):
                     help="override a setting (repeatable)")
     ap.add_argument("--preview", action="store_true", help="also write previews/NAME.png")
     ap.add_argument("--prefix", default=None, help="file name prefix (default: the preset)")
+    ap.add_argument("--skip-existing", action="store_true",
+                    help="do not remake samples already in the folder (resume an interrupted run)")
+    ap.add_argument("-j", "--jobs", type=int, default=1,
+                    help="worker processes (default 1; each sample is made by one process)")
     ap.add_argument("--list-settings", action="store_true", help="print the settings and exit")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args(argv)
@@ -1054,39 +1061,71 @@ def main(argv=None):
     if not args.quiet and sys.stderr.isatty():
         try:
             from tqdm import tqdm
-            progress = tqdm(total=args.count, unit="sample", desc="c3d-synth")
+            progress = tqdm(total=args.count, unit="sample", desc="c3d-synth")  # (resumed: fewer)
         except ImportError:
             progress = None
+    if args.preview:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return fail("the preview needs matplotlib: pip install 'c3dseg[plot]'")
+    if args.jobs < 1:
+        return fail(f"-j: expected a count >= 1, got {args.jobs}")
     t0 = time.perf_counter()
-    for i in range(args.count):
-        seed = args.seed + i + offset
-        name = f"{prefix}_{seed:07d}"
-        image, labels, spacing, params = make_sample(ranges, seed, shape=shape)
-        write_pair(args.output, name, image, labels, spacing)
-        if args.preview:
-            os.makedirs(os.path.join(args.output, "previews"), exist_ok=True)
-            try:
-                save_preview(os.path.join(args.output, "previews", name + ".png"), image, labels,
-                             spacing, title=f"{name}: {params['tissue']}, {params['n_cells']} cells, "
-                             f"median diameter {params['median_diameter_um']:.1f} um, "
-                             f"spacing {tuple(round(s, 3) for s in spacing)} um")
-            except ImportError as e:
-                return fail(str(e))
+    tasks = [(ranges, args.seed + i + offset, shape, args.output, f"{prefix}_{args.seed + i + offset:07d}",
+              args.preview) for i in range(args.count)]
+    if args.skip_existing:
+        tasks = [t for t in tasks if not (t[4] in record and all(
+            os.path.exists(os.path.join(args.output, sub, t[4] + ".tif")) for sub in ("images", "labels")))]
+    from .io_atomic import atomic_write_bytes
+
+    def save_params():
+        doc = {"generator": "c3dseg.synthesis", "preset": args.preset, "shape": list(shape),
+               "overrides": args.set, "seed_offset": offset, "samples": record}
+        atomic_write_bytes(params_path, json.dumps(doc, indent=1, default=_json_default).encode())
+    if args.jobs > 1 and args.count > 1:
+        import multiprocessing as mp
+        ctx = mp.get_context("spawn")
+        pool = ctx.Pool(min(args.jobs, args.count), initializer=_init_worker)
+        results = pool.imap(_make_and_write, tasks)
+    else:
+        pool = None
+        results = map(_make_and_write, tasks)
+    for done, (name, params) in enumerate(results, start=1):
         record[name] = params
+        if done % 20 == 0:
+            save_params()       # an interrupted run keeps what it made (see --skip-existing)
         if progress is not None:
             progress.update(1)
         elif not args.quiet:
             print(f"{name}: {params['tissue']}, {params['n_cells']} cells, "
                   f"{params['seconds']:.1f} s", flush=True)
+    if pool is not None:
+        pool.close()
+        pool.join()
     if progress is not None:
         progress.close()
-    from .io_atomic import atomic_write_bytes
-    doc = {"generator": "c3dseg.synthesis", "preset": args.preset, "shape": list(shape),
-           "overrides": args.set, "seed_offset": offset, "samples": record}
-    atomic_write_bytes(params_path, json.dumps(doc, indent=1, default=_json_default).encode())
+    save_params()
     if not args.quiet:
-        print(f"wrote {args.count} sample(s) to {args.output} in {time.perf_counter() - t0:.1f} s")
+        print(f"wrote {len(tasks)} sample(s) to {args.output} in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _init_worker():
+    global _KD_WORKERS
+    _KD_WORKERS = 1
+
+
+def _make_and_write(task):
+    ranges, seed, shape, folder, name, preview = task
+    image, labels, spacing, params = make_sample(ranges, seed, shape=shape)
+    write_pair(folder, name, image, labels, spacing)
+    if preview:
+        os.makedirs(os.path.join(folder, "previews"), exist_ok=True)
+        save_preview(os.path.join(folder, "previews", name + ".png"), image, labels, spacing,
+                     title=f"{name}: {params['tissue']}, {params['n_cells']} cells, median diameter "
+                     f"{params['median_diameter_um']:.1f} um, spacing {tuple(round(s, 3) for s in spacing)} um")
+    return name, params
 
 
 def _json_default(o):

@@ -172,3 +172,21 @@ def test_cli_bad_arguments_exit_2(tmp_path, args, capsys):
     assert S.main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+
+
+def test_cli_parallel_jobs_and_resume(tmp_path):
+    out = tmp_path / "par"
+    args = ["-o", str(out), "-n", "3", "--seed", "2", "--shape", "12,32,32", "-q"]
+    assert S.main(args + ["-j", "2"]) == 0
+    doc = json.loads((out / "params.json").read_text())
+    assert sorted(doc["samples"]) == ["train_0000002", "train_0000003", "train_0000004"]
+    # same bytes as a sequential run
+    seq = tmp_path / "seq"
+    assert S.main(["-o", str(seq), "-n", "3", "--seed", "2", "--shape", "12,32,32", "-q"]) == 0
+    for n in doc["samples"]:
+        assert (out / "labels" / f"{n}.tif").read_bytes() == (seq / "labels" / f"{n}.tif").read_bytes()
+    # resume: an existing sample is not remade
+    stamp = (out / "images" / "train_0000002.tif").stat().st_mtime_ns
+    assert S.main(["-o", str(out), "-n", "4", "--seed", "2", "--shape", "12,32,32", "-q", "--skip-existing"]) == 0
+    assert (out / "images" / "train_0000002.tif").stat().st_mtime_ns == stamp
+    assert len(json.loads((out / "params.json").read_text())["samples"]) == 4
