@@ -168,7 +168,9 @@ def run_block(plan, inputs, out, block, client, **kw):
     from c3dseg.runner.executor import Target
     from c3dseg.zarr_io import open_volume
 
-    opts = BlockwiseOptions(block=block, client=client, overwrite=True, report_memory=True, **kw)
+    # an unfinished run of the same command in --work resumes; anything else is replaced
+    unfinished = os.path.isdir(os.path.join(out, ".c3dseg-work"))
+    opts = BlockwiseOptions(block=block, client=client, overwrite=not unfinished, report_memory=True, **kw)
     t0 = time.perf_counter()
     run_blockwise(plan, inputs, Target(out, True), opts)
     dt = time.perf_counter() - t0

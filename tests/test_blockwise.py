@@ -470,3 +470,21 @@ def test_network_predictions_identical(tmp_path, client):
     assert res.shape == whole.shape == (4,) + SHAPE
     assert np.abs(whole).max() > 0.1
     np.testing.assert_array_equal(res, whole)
+
+
+def test_feature_groups_bounded():
+    """Cells handled by one block go in groups whose joint bounding box stays within the budget."""
+    from c3dseg.blockwise.reconstruction import _groups
+
+    rng = np.random.default_rng(0)
+    n = 200
+    lo = rng.integers(0, 100, (3, n))
+    hi = lo + rng.integers(0, 12, (3, n))
+    cells = np.concatenate([np.arange(1, n + 1)[None], np.zeros((1, n), np.int64), lo, hi])
+    groups = list(_groups(cells, 4000))
+    assert sorted(np.concatenate([g[0] for g in groups]).tolist()) == list(range(1, n + 1))
+    for g in groups:
+        assert np.all(np.diff(g[0]) > 0)
+        box = np.prod(g[5:8].max(axis=1) - g[2:5].min(axis=1) + 1)
+        assert box <= 4000 or g.shape[1] == 1
+    assert len(groups) > 5

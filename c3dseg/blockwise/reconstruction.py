@@ -400,56 +400,95 @@ def label_tables(env, name: str, labels_value, overlap_value=None) -> dict:
 # 4. whole-cell features by the owner block
 # ---------------------------------------------------------------------------------------------
 
-def features_block(block, labels_value, owned_path: str, flows, ext, shape, params: dict):
+def features_block(block, labels_value, owned_path: str, flows, shape, params: dict):
     """Dask task: flow error and axis ratio of the cells whose first voxel lies in this block,
-    computed by :mod:`c3dseg.reconstruction` itself on the core grown by the largest cell extent."""
+    computed by :mod:`c3dseg.reconstruction` itself on the bounding box of those cells.
+
+    The cells go in groups whose joint bounding box holds at most ``params["budget"]`` voxels
+    (a cell larger than that alone), so memory is bounded by the budget and the largest cell."""
     from .. import reconstruction as rec
 
-    ids_all, owners = load_table(owned_path)
-    mine = ids_all[owners == int(np.ravel_multi_index(block.index, tuple(params["counts"])))]
-    if len(mine) == 0:
+    table = load_table(owned_path)          # rows: id, owner block, lo z/y/x, hi z/y/x (inclusive)
+    mine = np.flatnonzero(table[1] == int(np.ravel_multi_index(block.index, tuple(params["counts"]))))
+    out_ids, out_err, out_ratio = [], [], []
+    for group in _groups(table[:, mine], int(params["budget"])):
+        ids = group[0]
+        lo = group[2:5].min(axis=1)
+        hi = group[5:8].max(axis=1) + 1
+        region = Region(tuple(int(x) for x in lo), tuple(int(x) for x in hi), tuple(int(x) for x in lo),
+                        tuple(int(x) for x in hi))
+        lab = np.asarray(evaluate([labels_value], region.lo, region.hi, shape)[0]).astype(np.int64)
+        pos = np.clip(np.searchsorted(ids, lab), 0, len(ids) - 1)
+        compact = np.where((ids[pos] == lab) & (lab > 0), pos + 1, 0)
+        del lab, pos
+        err = np.zeros(len(ids))
+        ratio = np.ones(len(ids))
+        if params.get("max_flow_error") is not None:
+            f = _read_flows(flows, region, shape)
+            e, _ = rec.flow_error_per_cell(compact, f, flow_type=params["flow_type"], flow_scale=params["flow_scale"],
+                                           spacing=params.get("spacing"))
+            err = np.asarray(e[1:len(ids) + 1], np.float64)
+            del f, e
+        if params.get("min_axis_ratio"):
+            r, _ = rec.axis_ratio_per_cell(compact)
+            ratio = np.asarray(r[1:len(ids) + 1], np.float64)
+        del compact
+        out_ids.append(ids)
+        out_err.append(err)
+        out_ratio.append(ratio)
+    if not out_ids:
         return {"ids": np.zeros(0, np.int64), "error": np.zeros(0), "ratio": np.zeros(0)}
-    region = block.region(tuple(int(e) for e in ext), shape)
-    lab = np.asarray(evaluate([labels_value], region.lo, region.hi, shape)[0]).astype(np.int64)
-    pos = np.clip(np.searchsorted(mine, lab), 0, len(mine) - 1)
-    compact = np.where((mine[pos] == lab) & (lab > 0), pos + 1, 0)
-    del lab, pos
-    err = np.zeros(len(mine))
-    ratio = np.ones(len(mine))
-    if params.get("max_flow_error") is not None:
-        f = _read_flows(flows, region, shape)
-        e, _ = rec.flow_error_per_cell(compact, f, flow_type=params["flow_type"], flow_scale=params["flow_scale"],
-                                       spacing=params.get("spacing"))
-        err = np.asarray(e[1:len(mine) + 1], np.float64)
-        del f
-    if params.get("min_axis_ratio"):
-        r, _ = rec.axis_ratio_per_cell(compact)
-        ratio = np.asarray(r[1:len(mine) + 1], np.float64)
-    return {"ids": mine, "error": err, "ratio": ratio}
+    return {"ids": np.concatenate(out_ids), "error": np.concatenate(out_err), "ratio": np.concatenate(out_ratio)}
+
+
+def _groups(cells: np.ndarray, budget: int):
+    """Split cells (columns: id, owner, lo z/y/x, hi z/y/x) into groups of increasing id whose joint
+    bounding box stays within ``budget`` voxels (in C order of their boxes: neighbours together)."""
+    if cells.shape[1] == 0:
+        return
+    order = np.lexsort((cells[4], cells[3], cells[2]))
+    cells = cells[:, order]
+    start = 0
+    lo = cells[2:5, 0].copy()
+    hi = cells[5:8, 0].copy()
+    for k in range(1, cells.shape[1] + 1):
+        if k < cells.shape[1]:
+            nlo = np.minimum(lo, cells[2:5, k])
+            nhi = np.maximum(hi, cells[5:8, k])
+            if np.prod(nhi - nlo + 1) <= budget:
+                lo, hi = nlo, nhi
+                continue
+        g = cells[:, start:k]
+        yield g[:, np.argsort(g[0])]
+        if k < cells.shape[1]:
+            start = k
+            lo = cells[2:5, k].copy()
+            hi = cells[5:8, k].copy()
 
 
 def cell_features(env, name: str, labels_value, ids, first, lo, hi, *, flows=None, max_flow_error=None,
                   min_axis_ratio=None, flow_type="tanh", flow_scale="adaptive", spacing=None) -> dict:
-    """Flow error and/or axis ratio of the cells ``ids`` (with their first voxel and bounding box),
-    each computed by the block holding its first voxel.  Returns ``{id: (error, ratio)}`` arrays."""
+    """Flow error and/or axis ratio of the cells ``ids`` (with their first voxel and bounding box,
+    ``hi`` inclusive), each computed by the block holding its first voxel.  Returns arrays
+    ``ids`` (increasing), ``error``, ``ratio``."""
     grid = env.grid
     ids = np.asarray(ids, np.int64)
     if not len(ids):
         return {"ids": ids, "error": np.zeros(0), "ratio": np.zeros(0)}
-    ext = (hi - lo).max(axis=1)
     owners = grid.block_of(np.stack(np.unravel_index(first, grid.shape)))
-    order = np.argsort(ids)
     owned_path = env.rt.path("tables", f"{name}-owned.npy")
-    save_table(owned_path, np.stack([ids[order], owners[order].astype(np.int64)]))
+    save_table(owned_path, np.concatenate([ids[None], owners[None].astype(np.int64),
+                                           np.asarray(lo, np.int64), np.asarray(hi, np.int64)]))
     if max_flow_error is not None:
         flows = [v if _cheap(v) else env.materialise(v, f"{name}-flow{'zyx'[a]}") for a, v in enumerate(flows)]
     owner_set = set(int(x) for x in np.unique(owners))
     blocks = [b for b in grid if grid.flat(b.index) in owner_set]
+    # a group of cells is read as one box of at most ~2 grown blocks
+    budget = 2 * int(np.prod([b + 2 * 8 for b in grid.block]))
     params = {"max_flow_error": max_flow_error, "min_axis_ratio": min_axis_ratio, "flow_type": flow_type,
-              "flow_scale": flow_scale, "spacing": spacing, "counts": grid.counts}
-    feats = env.reduce(f"{name}-features", features_block, labels_value, owned_path, flows,
-                       tuple(int(e) for e in ext), grid.shape, params, blocks=blocks,
-                       desc=f"{name}: cell features")
+              "flow_scale": flow_scale, "spacing": spacing, "counts": grid.counts, "budget": budget}
+    feats = env.reduce(f"{name}-features", features_block, labels_value, owned_path, flows, grid.shape, params,
+                       blocks=blocks, desc=f"{name}: cell features")
     got_ids = np.concatenate([f["ids"] for f in feats.values()])
     err = np.concatenate([f["error"] for f in feats.values()])
     ratio = np.concatenate([f["ratio"] for f in feats.values()])
