@@ -66,7 +66,7 @@ def main(argv=None):
     print(f"c3dseg.diameter.CALIBRATION = {dm.CALIBRATION:.4f}, shape {shape}", flush=True)
     if args.calibrate:
         rows = measure("train", args.calibrate, shape, calibration=1.0)
-        fit = float(np.median(rows[:, 1] / rows[:, 2]))
+        fit = float(np.nanmedian(rows[:, 1] / rows[:, 2]))
         print(f"calibration fitted on {args.calibrate} training volumes: {fit:.4f} "
               f"(1/{1 / fit:.3f}); in use: {dm.CALIBRATION:.4f}", flush=True)
         rows[:, 2] *= dm.CALIBRATION

@@ -90,7 +90,7 @@ def estimate_cell_diameter(image, spacing=(1.0, 1.0, 1.0), *, max_voxels=4_000_0
     diameter = None
     for _ in range(2):
         labels, info = seeded_watershed(block, spacing, diameter_um=diameter, smoothing=SMOOTHING,
-                                        h_factor=H_FACTOR, return_info=True)
+                                        h_factor=H_FACTOR, background="auto-regions", return_info=True)
         d = region_diameters(labels, spacing)
         if len(d) < 3:
             passes.append((info["sigma_um"], info["h"], int(len(d)), float("nan")))

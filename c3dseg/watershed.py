@@ -4,9 +4,8 @@ and the measuring stick of :func:`c3dseg.diameter.estimate_cell_diameter`).
 Steps: percentile normalisation; Gaussian smoothing with a physical (isotropic, in um) sigma;
 seeds = the h-minima of the smoothed image, with ``h`` a multiple of the noise level measured in the
 image itself (so noise basins do not become cells while walls of real contrast separate them);
-``skimage.segmentation.watershed`` from those seeds; background = the regions that are much larger
-than the typical cell and darker than the typical region (the dark surround of an organ fills one
-or a few big basins), or everything below an explicit threshold.
+``skimage.segmentation.watershed`` from those seeds plus one background seed covering the
+surround (where :func:`tissue_mask` finds no walls), or everything below an explicit threshold.
 """
 
 from __future__ import annotations
@@ -102,9 +101,10 @@ def seeded_watershed(image, spacing=(1.0, 1.0, 1.0), *, diameter_um=None, smooth
         ``h_factor`` x the noise left after smoothing (see :func:`noise_sigma`).
     h_factor : float
         Default 2.
-    background : "auto", "none" or float
-        "auto": :func:`tissue_mask` (cells filled by a grey closing one cell across, then Otsu's
-        threshold when there is a dark surround at all).  "auto-regions": regions larger than
+    background : "auto", "auto-regions", "none" or float
+        "auto": the surround found by :func:`tissue_mask` (no walls nearby) seeds one background
+        basin, which meets the cells on the crest of the tissue's outer wall; regions no brighter
+        than that surround are dropped.  "auto-regions": regions larger than
         ``background_size`` x the median region volume and darker than the median region become
         background.  A float: voxels of the smoothed, normalised image below it are background
         (and seed nothing).  "none": every voxel belongs to a cell.
@@ -180,14 +180,15 @@ def seeded_watershed(image, spacing=(1.0, 1.0, 1.0), *, diameter_um=None, smooth
 
 
 def tissue_mask(g, spacing, diameter_um, *, noise=None, k=3.0, reach=0.75, min_density=0.02,
-                min_fraction=0.02):
+                min_fraction=0.02, min_tissue=0.05):
     """Tissue (True) versus an empty surround, from the structure of a smoothed membrane image.
 
     Wall voxels are those brighter than their neighbourhood (a box about one cell across) by
     ``k`` x the noise of ``g``; tissue is everything within ``reach`` cell diameters of a wall
     voxel, without the pieces smaller than one cell (specks).  Depth attenuation and uneven
     illumination do not matter (the test is local), and a flat dark surround has no walls.
-    Returns None when (almost) everything is tissue.
+    Returns None when (almost) everything is tissue, or when less than ``min_tissue`` of the
+    volume would be (walls too faint to find: better no background than no cells).
 
     Parameters
     ----------
@@ -212,8 +213,9 @@ def tissue_mask(g, spacing, diameter_um, *, noise=None, k=3.0, reach=0.75, min_d
         keep = vol >= cell
         keep[0] = False
         tissue = keep[lab]
-    if tissue.mean() > 1.0 - min_fraction:
-        return None
+    frac = float(tissue.mean())
+    if frac > 1.0 - min_fraction or frac < min_tissue:
+        return None     # dense tissue everywhere, or walls too faint to tell tissue from surround
     return tissue
 
 
