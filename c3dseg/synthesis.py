@@ -1,11 +1,27 @@
 """Synthetic tissue: label volumes and membrane images for tests, benchmarks and training data.
 
-The first function here, :func:`voronoi_labels`, is the common test volume (dense Voronoi tissue).
+- :func:`voronoi_labels`: the common test volume (dense Voronoi tissue, labels only).
+- :func:`make_sample`: a membrane-stained tissue stack and its cells, every setting drawn from
+  ranges (:data:`TRAIN_RANGES`, presets ``train`` / ``validation`` / ``ood``); see the section
+  comment below for how it is made.
+- :func:`main`: the ``c3d-synth`` command line (image/label TIFF pairs, ``params.json``, previews).
+
+Seed convention: sample ``i`` of ``c3d-synth --seed S`` uses seed ``S + i`` plus 10**6 for
+``--preset validation`` and 2 * 10**6 for ``--preset ood`` (:data:`PRESET_SEED_OFFSET`).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import sys
+import time
+import zlib
+from typing import Any
+
 import numpy as np
+from scipy import ndimage
 from scipy.spatial import cKDTree
 
 
@@ -94,16 +110,6 @@ def voronoi_labels(shape, n_cells, *, seed=0, spacing=(1.0, 1.0, 1.0), weights=N
 #    specks, background, depth attenuation along z, uneven illumination, then Poisson shot noise and
 #    Gaussian read noise in photon units plus a camera offset.
 
-import json
-import math
-import zlib
-import os
-import sys
-import time
-import warnings
-from typing import Any
-
-from scipy import ndimage
 
 #: Ranges of the ``train`` preset (also used by ``validation``).  Each value is a fixed value or a
 #: spec: ``{"uniform": [lo, hi]}``, ``{"loguniform": [lo, hi]}``, ``{"int": [lo, hi]}`` (inclusive)
