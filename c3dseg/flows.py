@@ -22,7 +22,9 @@ Two flow types:
     count 0); the flow is the negated, unit-length central-difference gradient.  Instead of
     Cellpose's hundreds of explicit averaging sweeps, the steady state of that same iteration
     (a sparse symmetric positive-definite system) is solved for all cells at once by conjugate
-    gradients, which needs far fewer sweeps over the volume.
+    gradients (float32, refined once with a float64 residual so that the far corners of
+    elongated cells, where the heat is orders of magnitude below its peak, still point the
+    right way), which needs far fewer sweeps over the volume.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ from .labels import check_labels, compress_labels, label_sums
 
 log = logging.getLogger("c3dseg")
 
-__all__ = ["tanh_flows", "iter_tanh_flows", "tanh_scales", "heat_flows", "foreground_target", "labels_to_prediction",
-           "cell_statistics", "FLOW_TYPES", "FOREGROUND_MODES"]
+__all__ = ["tanh_flows", "iter_tanh_flows", "tanh_scales", "heat_flows", "foreground_target",
+           "labels_to_prediction", "cell_statistics", "FLOW_TYPES", "FOREGROUND_MODES"]
 
 FLOW_TYPES = ("tanh", "heat")
 FOREGROUND_MODES = ("union", "hull")
