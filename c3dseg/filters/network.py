@@ -141,7 +141,7 @@ class OnnxModel(_PredictorMixin, Filter):
     outputs = (Port("image", "tiles", "Tile stream (connect to TileMerger)"),)
     params = (
         Param("ModelPath", "string", "", "The .onnx model file (relative paths: to the pipeline's folder).",
-              path=True),
+              path=True, exists=True),
         Param("UseGPU", "bool", True, "Use the CUDA execution provider when onnxruntime has one; else the CPU."),
     ) + _patch_params(128, 192, 192, 0.0,
                       "Absolute (values > 1, voxels) or patch-relative (values <= 1) stride between tiles, as in "
@@ -197,7 +197,7 @@ class TorchModel(_PredictorMixin, Filter):
         Param("UseGPU", "bool", True, "Uses the GPU if possible. Defaults to CPU."),
     ) + _patch_params(64, 256, 256, 0.5, "Absolute (values > 1) or patch-relative stride (values < 1).") + (
         Param("ModelPath", "string", "", "File path to the model file: *.onnx (onnxruntime) or *.pt "
-              "(TorchScript; needs torch).", path=True),
+              "(TorchScript; needs torch).", path=True, exists=True),
         Param("Blending", "string", "cosine", "Tile weights (see TileMerger).", choices=BLENDINGS),
         Param("BatchSize", "int", 1, "Tiles per network call.", min=1, unit="tiles"),
         Param("Normalization", "string", "auto", "Input normalisation: auto (from an ONNX model's metadata; none "

@@ -40,9 +40,9 @@ def _value_type(spec) -> tuple[str, list[str] | None]:
     return {"string": "xs:string", "double": "xs:double", "int": "xs:integer", "bool": "Bool"}[spec.type], None
 
 
-def build_xsd(version: str = "1.0") -> etree._ElementTree:
-    """The schema as an lxml tree (``version`` "1.0" or "1.1")."""
-    reg = registry()
+def build_xsd(version: str = "1.0", filters: dict | None = None) -> etree._ElementTree:
+    """The schema as an lxml tree (``version`` "1.0" or "1.1") for ``filters`` (default: all registered)."""
+    reg = registry() if filters is None else filters
     names = sorted(reg)
     keys: dict[str, list] = {}
     for cls in reg.values():
