@@ -55,7 +55,7 @@ def segment(flow_type: str, model: str) -> etree._Element:
     items = [
         item(1, "ImageReader", [("cmd", 0)], {"DefaultInput": "../data/sample.tif"},
              "Reads the stack (the bundled sample when no -i is given)"),
-        item(2, "EstimateCellDiameter", [(1, 1)], {}) if "EstimateCellDiameter" in registry() else None,
+        item(2, "EstimateCellDiameter", [(1, 1)], {"WriteMetaData": False}) if "EstimateCellDiameter" in registry() else None,
         item(3, "ResampleToModelScale", [(2 if "EstimateCellDiameter" in registry() else 1, 1)],
              {"ModelPath": model_path}),
         item(4, "OnnxModel", [(3, 1)], {"ModelPath": model_path}),

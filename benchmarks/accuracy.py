@@ -1,0 +1,179 @@
+"""Accuracy of the default models on held-out synthetic tissue, against a seeded-watershed baseline.
+
+    python benchmarks/accuracy.py [--n 8] [--ood 4] [--plot benchmarks/accuracy.png] [--quick]
+
+1. Makes the validation set with ``c3d-synth --preset validation`` (seeds never used in training:
+   offset 10**6) and an out-of-distribution set (``--preset ood``: settings outside the training
+   ranges), 64x128x128 each.
+2. Segments every stack with ``pipelines/segment.xml`` (tanh model) and ``segment_heat.xml`` (heat
+   model) through ``c3d-run`` exactly as a user would (cell diameter estimated from the image), and
+   with the classical seeded watershed of the smoothed membrane image (``c3dseg.watershed``,
+   diameter from the same estimate).
+3. Prints mean per-cell Dice (as in the paper), AP@0.5/0.75, F1 and AJI per volume and pooled, says
+   on how many volumes each model beats the baseline, and writes a box plot of per-cell Dice.
+4. Times the whole pipeline on a 64x256x256 stack and prints the share of everything but the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from c3dseg.diameter import estimate_cell_diameter  # noqa: E402
+from c3dseg.io import read_image, write_image  # noqa: E402
+from c3dseg.metrics import evaluate, mean_cell_dice  # noqa: E402
+from c3dseg.watershed import seeded_watershed  # noqa: E402
+
+PIPELINES = {"tanh": os.path.join(ROOT, "pipelines", "segment.xml"),
+             "heat": os.path.join(ROOT, "pipelines", "segment_heat.xml")}
+
+
+def synth(out, n, preset, shape):
+    from c3dseg.synthesis import main as c3d_synth
+
+    if c3d_synth(["-o", out, "-n", str(n), "--preset", preset, "-q", "--shape", ",".join(map(str, shape))]):
+        raise RuntimeError(f"c3d-synth failed for {out}")
+    names = sorted(f for f in os.listdir(os.path.join(out, "images")) if f.endswith(".tif"))
+    return [(os.path.join(out, "images", f), os.path.join(out, "labels", f)) for f in names]
+
+
+def run_pipeline(pipeline, image, out, extra=()):
+    from c3dseg.runner.cli import main
+
+    t0 = time.perf_counter()
+    rc = main([pipeline, "-i", image, "-o", out, "--overwrite", "-q", *extra])
+    if rc != 0:
+        raise RuntimeError(f"c3d-run {os.path.basename(pipeline)} failed on {image} (exit {rc})")
+    return time.perf_counter() - t0
+
+
+def score(gt, pred):
+    r = evaluate(gt, pred, border="separate")
+    dice = mean_cell_dice(gt, pred, return_per_cell=True)[1]
+    return r, np.asarray(dice, float)
+
+
+def timing(tmp, shape=(64, 256, 256)):
+    """Network time vs everything else, from c3d-run -v's per-item log lines."""
+    pairs = synth(os.path.join(tmp, "timing"), 1, "validation", shape)
+    img = pairs[0][0]
+    cmd = [sys.executable, "-m", "c3dseg.runner.cli", PIPELINES["tanh"], "-i", img, "-o",
+           os.path.join(tmp, "timing_out.tif"), "--overwrite", "-v"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-2000:])
+    per_item = {}
+    for line in r.stderr.splitlines():
+        # "info: [k/n] item_0004 OnnxModel: 1.23 s, peak ..."
+        if line.startswith("info: [") and ": " in line and " s" in line:
+            head, _, rest = line.partition("] ")
+            name_part, _, t = rest.partition(": ")
+            per_item[name_part] = float(t.split(" s")[0])
+    network = sum(t for k, t in per_item.items() if k.split()[-1] in ("OnnxModel", "TileMerger"))
+    other = sum(per_item.values()) - network
+    return shape, network, other, per_item
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=8, help="validation volumes")
+    ap.add_argument("--ood", type=int, default=4, help="out-of-distribution volumes")
+    ap.add_argument("--shape", default="64,128,128")
+    ap.add_argument("--plot", default=os.path.join(HERE, "accuracy.png"))
+    ap.add_argument("--json", default=None, help="also write the figures as JSON")
+    ap.add_argument("--quick", action="store_true", help="2 + 1 volumes, no timing run")
+    ap.add_argument("--no-timing", action="store_true")
+    a = ap.parse_args()
+    if a.quick:
+        a.n, a.ood, a.no_timing = 2, 1, True
+    shape = tuple(int(s) for s in a.shape.split(","))
+    tmp = tempfile.mkdtemp(prefix="c3d_accuracy_")
+    sets = {"validation": synth(os.path.join(tmp, "val"), a.n, "validation", shape)}
+    if a.ood:
+        sets["ood"] = synth(os.path.join(tmp, "ood"), a.ood, "ood", shape)
+
+    rows, per_cell = [], {"tanh": [], "heat": [], "watershed": []}
+    for set_name, pairs in sets.items():
+        for img_path, lab_path in pairs:
+            name = os.path.basename(img_path)[:-4]
+            gt = read_image(lab_path).data.astype(np.int64)
+            img = read_image(img_path)
+            row = {"set": set_name, "volume": name, "cells": int(len(np.unique(gt)) - 1)}
+            for model, pipe in PIPELINES.items():
+                out = os.path.join(tmp, f"{name}_{model}.tif")
+                row[f"{model}_s"] = run_pipeline(pipe, img_path, out)
+                pred = read_image(out).data.astype(np.int64)
+                r, d = score(gt, pred)
+                row[f"{model}_dice"], row[f"{model}_ap50"], row[f"{model}_ap75"] = \
+                    r["mean_dice"], r["ap@0.5"], r["ap@0.75"]
+                row[f"{model}_aji"] = r["aji"]
+                per_cell[model].append(d)
+            diam = estimate_cell_diameter(img.data, img.spacing)
+            t0 = time.perf_counter()
+            ws = seeded_watershed(img.data, img.spacing, diameter_um=diam)
+            row["watershed_s"] = time.perf_counter() - t0
+            r, d = score(gt, np.asarray(ws, np.int64))
+            row["watershed_dice"], row["watershed_ap50"], row["watershed_ap75"] = \
+                r["mean_dice"], r["ap@0.5"], r["ap@0.75"]
+            row["watershed_aji"] = r["aji"]
+            per_cell["watershed"].append(d)
+            rows.append(row)
+            print(f"{set_name:10s} {name:22s} cells {row['cells']:5d}  dice tanh {row['tanh_dice']:.3f} "
+                  f"heat {row['heat_dice']:.3f} ws {row['watershed_dice']:.3f}   AP50 tanh {row['tanh_ap50']:.3f} "
+                  f"heat {row['heat_ap50']:.3f} ws {row['watershed_ap50']:.3f}", flush=True)
+
+    print()
+    print(f"| set | method | volumes | mean per-cell Dice | AP@0.5 | AP@0.75 | AJI | beats watershed (Dice) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for set_name in sets:
+        rs = [r for r in rows if r["set"] == set_name]
+        for m in ("tanh", "heat", "watershed"):
+            beats = "" if m == "watershed" else \
+                f"{sum(r[f'{m}_dice'] > r['watershed_dice'] for r in rs)}/{len(rs)}"
+            print(f"| {set_name} | {m} | {len(rs)} | {np.mean([r[f'{m}_dice'] for r in rs]):.3f} | "
+                  f"{np.mean([r[f'{m}_ap50'] for r in rs]):.3f} | {np.mean([r[f'{m}_ap75'] for r in rs]):.3f} | "
+                  f"{np.mean([r[f'{m}_aji'] for r in rs]):.3f} | {beats} |")
+    print("(means over volumes; Dice: each ground-truth cell against the predicted cell overlapping it most)")
+
+    if a.plot:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(6, 4))
+            data = [np.concatenate(per_cell[m]) for m in ("tanh", "heat", "watershed")]
+            ax.boxplot(data, showfliers=False)
+            ax.set_xticks([1, 2, 3], ["tanh model", "heat model", "seeded watershed"])
+            ax.set_ylabel("per-cell Dice")
+            ax.set_title(f"{sum(len(p) for p in sets.values())} synthetic volumes (validation + ood)")
+            fig.tight_layout()
+            fig.savefig(a.plot, dpi=100)
+            print(f"box plot: {a.plot}")
+        except ImportError:
+            print("matplotlib not installed: no plot")
+
+    if not a.no_timing:
+        shape_t, net, other, items = timing(tmp)
+        print(f"\nend-to-end on a {'x'.join(map(str, shape_t))} stack: network (OnnxModel+TileMerger) {net:.1f} s, "
+              f"everything else {other:.1f} s = {100 * other / net:.0f}% of the network's time")
+        for k, v in items.items():
+            print(f"    {k}: {v:.2f} s")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
