@@ -57,6 +57,7 @@ def installed_plugin(tmp_path, monkeypatch):
         pytest.skip(f"could not build the plugin package: {r.stderr.strip()[-300:]}")
     monkeypatch.syspath_prepend(str(target))
     importlib.invalidate_caches()
+    base.registry()  # built-ins loaded first: modules import once, so they could not register again later
     saved = dict(base._REGISTRY), base._LOADED
     base._LOADED = False
     yield target
