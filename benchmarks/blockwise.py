@@ -130,7 +130,7 @@ def reconstruction_xml(params: dict, n_inputs=4) -> bytes:
             "</pipeline></xpiwit>\n").encode()
 
 
-def network_xml(model: str, params: dict, patch=(32, 64, 64)) -> bytes:
+def network_xml(model: str, params: dict, patch=(64, 64, 64)) -> bytes:
     from xml.sax.saxutils import quoteattr
 
     def item(iid, name, inputs, params, n_out=1):
@@ -203,8 +203,9 @@ def same_partition(a, b) -> bool:
 
 def face_merge(pred, block, halo, kw):
     """Each block reconstructed alone on its core grown by ``halo`` (cropped back), ids made unique,
-    then labels touching across a block face joined (connected components of the contact graph):
-    the merge rule of Cellpose's distributed mode, re-implemented for the comparison."""
+    then labels that still touch across a block face after shrinking each face's labels by one pixel
+    in the face plane are joined (connected components of the contact graph): the merge rule of
+    Cellpose's distributed mode, re-implemented here for the comparison."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -221,11 +222,20 @@ def face_merge(pred, block, halo, kw):
         lab[lab > 0] += offset
         offset = max(offset, int(lab.max()))
         out[b.core] = lab
+    def shrink(plane):
+        """Labels eroded by one pixel in the plane (a pixel keeps its label when its 4 neighbours share it)."""
+        keep = plane > 0
+        p = np.pad(plane, 1, mode="edge")
+        for sl in ((slice(0, -2), slice(1, -1)), (slice(2, None), slice(1, -1)),
+                   (slice(1, -1), slice(0, -2)), (slice(1, -1), slice(2, None))):
+            keep &= p[sl] == plane
+        return np.where(keep, plane, 0)
+
     edges = []
     for a in range(3):
         for cut in range(grid.block[a], shape[a], grid.block[a]):
-            lo = np.take(out, cut - 1, axis=a)
-            hi = np.take(out, cut, axis=a)
+            lo = shrink(np.take(out, cut - 1, axis=a))
+            hi = shrink(np.take(out, cut, axis=a))
             m = (lo > 0) & (hi > 0)
             edges.append(np.stack([lo[m], hi[m]], 1))
     e = np.unique(np.concatenate(edges), axis=0) if edges else np.zeros((0, 2), np.int64)
@@ -338,13 +348,14 @@ def part_network(work, client, model, quick):
     from c3dseg.runner.executor import RunOptions, Target, execute
     from c3dseg.synthesis import make_sample
 
-    shape = (48, 96, 96) if quick else (64, 192, 192)
+    shape = (48, 96, 96) if quick else (64, 256, 256)
     img, gt, spacing, _ = make_sample("validation", seed=3, shape=shape)
     src = os.path.join(work, "sample.tif")
     write_image(src, Image(img, spacing))
     if model is None:
         shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "c3dseg", "models")
-        cands = sorted(f for f in os.listdir(shipped) if f.endswith(".onnx")) if os.path.isdir(shipped) else []
+        cands = sorted((f for f in os.listdir(shipped) if f.endswith(".onnx")), key=lambda f: (f != "tanh.onnx", f)) \
+            if os.path.isdir(shipped) else []
         model = os.path.join(shipped, cands[0]) if cands else \
             handcrafted_model(os.path.join(work, "handcrafted.onnx"), spacing)
         kind = "shipped model" if cands else "no trained model here: a hand-made fixed-weight conv model"
@@ -357,7 +368,7 @@ def part_network(work, client, model, quick):
     execute(plan, {0: src}, Target(os.path.join(work, "net_whole.tif"), True), RunOptions(overwrite=True))
     t_whole = time.perf_counter() - t0
     whole = read_image(os.path.join(work, "net_whole.tif")).data
-    block = tuple(s // 2 for s in shape)
+    block = (shape[0], shape[1] // 2, shape[2] // 2)       # blocks of 2 x 2 tiles: cells cross block faces
     plan = load_plan(network_xml(os.path.abspath(model), params), work, "network")
     vol, opts, dt = run_block(plan, {0: src}, os.path.join(work, "net.ome.zarr"), block, client)
     res = vol.read()

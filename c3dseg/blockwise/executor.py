@@ -31,7 +31,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import C3DError, ExecutionError, InputError, PipelineError
-from ..filters.base import Context, resolve_relative
+from ..filters.base import Context, get_filter, resolve_relative
 from ..image import Image, MetaTable
 from .grid import BlockGrid, Region, as_triple
 from .planner import BlockPlan, check_block, plan_blocks
@@ -122,7 +122,7 @@ class Env:
         return out
 
     def node(self, op: str, inputs: list, *, halo=(0, 0, 0), func=None, kwargs=None, filter_name="",
-             params=None, item_id="", meta=None, n_outputs=1) -> list[Derived]:
+             params=None, item_id="", meta=None, n_outputs=1, expensive=False) -> list[Derived]:
         """Lazy outputs of a new node (pointwise/local)."""
         first = next((v for v in inputs if v is not None and not isinstance(v, str)), None)
         spacing = first.spacing if first is not None else self.spacing
@@ -131,7 +131,8 @@ class Env:
             base_meta.update(meta)
         nd = Node(op, list(inputs), as_triple(halo, "halo"), filter_name, dict(params or {}), func,
                   dict(kwargs or {}), item_id, self.base_dir, spacing,
-                  [dict(v.meta) if (v is not None and not isinstance(v, str)) else None for v in inputs])
+                  [dict(v.meta) if (v is not None and not isinstance(v, str)) else None for v in inputs],
+                  expensive=expensive or (op == "filter" and getattr(get_filter(filter_name), "category", "") == "Network"))
         return [Derived(nd, k, spacing, dict(base_meta)) for k in range(1, n_outputs + 1)]
 
     def reduce(self, name: str, fn, *args, **kwargs) -> dict:

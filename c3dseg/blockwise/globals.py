@@ -329,7 +329,7 @@ def _network(env, step, images, metas):
               "batch_size": int(p.get("BatchSize", 1)), "channels": 4}
     meta = dict(v.meta, is_label=False, model_path=model, model_metadata=dict(getattr(net, "metadata", {}) or {}))
     outs = env.node("func", [RegionLeaf(env.shape, v.spacing)], func=predict_region, kwargs=kwargs, item_id=item,
-                    meta=meta, n_outputs=4)
+                    meta=meta, n_outputs=4, expensive=True)
     if step.cls.name == "OnnxModel":
         # one 4-channel image for TileMerger (which splits a prediction image into its channels)
         out, = env.node("func", outs, func=_stack, item_id=item, meta=meta)

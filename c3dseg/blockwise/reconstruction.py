@@ -559,7 +559,13 @@ def _cheap(value) -> bool:
     """Stored, or only pointwise functions over stored values (re-evaluating it is cheap)."""
     from .values import nodes_of
 
-    return all(n.op == "func" and not any(n.halo) for n in nodes_of(value))
+    return all(n.op == "func" and not any(n.halo) and not n.expensive and not _reads_values(n)
+               for n in nodes_of(value))
+
+
+def _reads_values(node) -> bool:
+    """A node that reads other values itself (kwargs holding lazy values, e.g. a tiled network)."""
+    return any(isinstance(v, (Stored, Derived)) for v in node.kwargs.values())
 
 
 def _materialise_inputs(env, name, flows, first, mask):

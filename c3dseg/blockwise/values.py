@@ -87,6 +87,7 @@ class Node:
     base_dir: str = "."
     spacing: tuple = (1.0, 1.0, 1.0)
     metas: list = field(default_factory=list)        # meta dicts of the input images
+    expensive: bool = False                          # worth storing rather than recomputing (a network)
 
 
 @dataclass(eq=False)
