@@ -67,8 +67,12 @@ def test_shipped_xsd_is_up_to_date():
     shipped = os.path.join(shipped_pipelines_dir(), "c3dseg.xsd")
     assert os.path.exists(shipped)
     builtin = {n: c for n, c in registry().items() if c.__module__.startswith("c3dseg.")}
-    assert open(shipped, "rb").read() == etree.tostring(build_xsd("1.0", builtin), pretty_print=True,
-                                                        xml_declaration=True, encoding="UTF-8")
+    new = etree.tostring(build_xsd("1.0", builtin), pretty_print=True, xml_declaration=True,
+                         encoding="UTF-8").decode()
+    old = open(shipped, "rb").read().decode()
+    import difflib
+    diff = list(difflib.unified_diff(old.splitlines(), new.splitlines(), lineterm="", n=1))
+    assert not diff, "regenerate with c3d-run --schema c3dseg/pipelines/c3dseg.xsd:\n" + "\n".join(diff[:20])
 
 
 def test_catalog_items_are_ready_to_paste(tmp_path):

@@ -45,7 +45,8 @@ def build_xsd(version: str = "1.0", filters: dict | None = None) -> etree._Eleme
     reg = registry() if filters is None else filters
     names = sorted(reg)
     keys: dict[str, list] = {}
-    for cls in reg.values():
+    for name in names:  # sorted: the documentation of a shared key must not depend on import order
+        cls = reg[name]
         for spec in cls.all_params():
             keys.setdefault(spec.key, []).append((cls.name, spec))
     nsmap = {"xs": XS}
