@@ -20,7 +20,7 @@ __all__ = ["rescale_intensity", "window_intensity", "binary_threshold", "discret
            "discrete_gaussian"]
 
 
-def rescale_intensity(data: np.ndarray) -> np.ndarray:
+def rescale_intensity(data: np.ndarray, limits: tuple[float, float] | None = None) -> np.ndarray:
     """Min-max rescaling as XPIWIT's RescaleIntensityImageFilter (ITK's RescaleIntensity with
     the output type's range).
 
@@ -30,6 +30,9 @@ def rescale_intensity(data: np.ndarray) -> np.ndarray:
     Parameters
     ----------
     data : ndarray, any shape
+    limits : (lo, hi), optional
+        The extrema to map from (default: the data's own; the blockwise runner passes the whole
+        volume's).
 
     Returns
     -------
@@ -44,7 +47,7 @@ def rescale_intensity(data: np.ndarray) -> np.ndarray:
                     else np.float32, copy=True)
     if work.size == 0:
         return work.astype(out_dtype)
-    lo, hi = float(work.min()), float(work.max())
+    lo, hi = (float(work.min()), float(work.max())) if limits is None else (float(limits[0]), float(limits[1]))
     if hi <= lo:
         return np.full(data.shape, out_lo, dtype=out_dtype)
     work -= lo

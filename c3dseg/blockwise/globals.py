@@ -29,6 +29,7 @@ import math
 import numpy as np
 
 from ..errors import ExecutionError, ParameterError
+from ..intensity import rescale_intensity
 from .values import Derived, RegionLeaf, Stored, apply_lut, evaluate
 
 GLOBAL_IMPLS: dict = {}
@@ -120,23 +121,7 @@ def rescale_with(data: np.ndarray, lo, hi) -> np.ndarray:
     """:func:`c3dseg.intensity.rescale_intensity` with given extrema (per channel for CZYX)."""
     if data.ndim == 4:
         return np.stack([rescale_with(c, l_, h_) for c, l_, h_ in zip(data, lo, hi)])
-    lo, hi = float(lo), float(hi)
-    if data.dtype.kind in "iu":
-        info = np.iinfo(data.dtype)
-        out_lo, out_hi, out_dtype = float(info.min), float(info.max), data.dtype
-    else:
-        out_lo, out_hi, out_dtype = 0.0, 1.0, np.float32
-    work = np.array(data, dtype=np.float64 if data.dtype.itemsize > 2 and data.dtype.kind in "iu"
-                    else np.float32, copy=True)
-    if hi <= lo:
-        return np.full(data.shape, out_lo, dtype=out_dtype)
-    work -= lo
-    work *= (out_hi - out_lo) / (hi - lo)
-    work += out_lo
-    if np.dtype(out_dtype).kind in "iu":
-        np.rint(work, out=work)
-        np.clip(work, out_lo, out_hi, out=work)
-    return work.astype(out_dtype)
+    return rescale_intensity(data, (lo, hi))
 
 
 @register_global("RescaleIntensityImageFilter")
