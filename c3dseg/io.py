@@ -396,35 +396,38 @@ def _read_tiff(path: str):
         series = tif.series[0]
         axes = series.axes
         data = series.asarray()
-        page = tif.pages[0]
-        names = None
-        unit = None
-        sp: list[float | None] = [None, None, None]
-        if tif.is_ome and tif.ome_metadata:
-            sp, unit, names = _ome_calibration(tif.ome_metadata)
-            kind = "ome-tiff"
-        elif tif.is_imagej:
-            ij = tif.imagej_metadata or {}
-            unit = ij.get("unit")
-            f = _unit_factor(unit)
-            xr, yr = _resolution(page)
-            if f is not None:
-                if xr:
-                    sp[2] = f / xr
-                if yr:
-                    sp[1] = f / yr
-                if ij.get("spacing"):
-                    sp[0] = float(ij["spacing"]) * f
-            kind = "imagej-tiff"
-        else:
-            xr, yr = _resolution(page)
-            runit = _tag_value(page, "ResolutionUnit")
-            runit = int(runit) if runit is not None else None
-            if runit == 3 and xr and yr:  # centimetre
-                sp[2], sp[1] = 1e4 / xr, 1e4 / yr
-                unit = "cm"
-            kind = "tiff"
+        sp, unit, names, kind = tiff_calibration(tif)
     return data, axes, sp, unit, names, kind
+
+
+def tiff_calibration(tif):
+    """(spacing list (z, y, x) in um with None where unknown, unit, channel names, kind) of an open
+    ``tifffile.TiffFile``, without reading pixels: OME PhysicalSize, ImageJ calibration, or a plain
+    TIFF's centimetre resolution."""
+    page = tif.pages[0]
+    sp: list[float | None] = [None, None, None]
+    unit, names = None, None
+    if tif.is_ome and tif.ome_metadata:
+        sp, unit, names = _ome_calibration(tif.ome_metadata)
+        return sp, unit, names, "ome-tiff"
+    xr, yr = _resolution(page)
+    if tif.is_imagej:
+        ij = tif.imagej_metadata or {}
+        unit = ij.get("unit")
+        f = _unit_factor(unit)
+        if f is not None:
+            if xr:
+                sp[2] = f / xr
+            if yr:
+                sp[1] = f / yr
+            if ij.get("spacing"):
+                sp[0] = float(ij["spacing"]) * f
+        return sp, unit, names, "imagej-tiff"
+    runit = _tag_value(page, "ResolutionUnit")
+    if runit is not None and int(runit) == 3 and xr and yr:  # centimetre
+        sp[2], sp[1] = 1e4 / xr, 1e4 / yr
+        unit = "cm"
+    return sp, unit, names, "tiff"
 
 
 def _tag_value(page, name):

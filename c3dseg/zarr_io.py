@@ -470,32 +470,9 @@ def _open_tiff(path: str, channel: int | None) -> Volume:
 
 def _tiff_calibration(tif):
     """(spacing list (z, y, x) um or None entries, unit, channel names, kind) without reading pixels."""
-    from . import io as _io
+    from .io import tiff_calibration
 
-    page = tif.pages[0]
-    sp: list[float | None] = [None, None, None]
-    unit, names = None, None
-    if tif.is_ome and tif.ome_metadata:
-        sp, unit, names = _io._ome_calibration(tif.ome_metadata)
-        return sp, unit, names, "ome-tiff"
-    xr, yr = _io._resolution(page)
-    if tif.is_imagej:
-        ij = tif.imagej_metadata or {}
-        unit = ij.get("unit")
-        f = _io._unit_factor(unit)
-        if f is not None:
-            if xr:
-                sp[2] = f / xr
-            if yr:
-                sp[1] = f / yr
-            if ij.get("spacing"):
-                sp[0] = float(ij["spacing"]) * f
-        return sp, unit, names, "imagej-tiff"
-    runit = _io._tag_value(page, "ResolutionUnit")
-    if runit is not None and int(runit) == 3 and xr and yr:
-        sp[2], sp[1] = 1e4 / xr, 1e4 / yr
-        unit = "cm"
-    return sp, unit, names, "tiff"
+    return tiff_calibration(tif)
 
 
 def read_zarr(path: str | os.PathLike, *, level: int = 0, channel: int | None = None,
