@@ -402,18 +402,11 @@ def predict_tiled(volume: np.ndarray, predict: Callable[[np.ndarray], np.ndarray
 
     Returns the ``(C, Z, Y, X)`` float32 blended prediction.  Memory: the output and one batch.
     """
-    acc = TileAccumulator(plan, channels, blending, out=out)
-    batches = iter_tile_batches(volume, plan, batch_size, transform=transform)
-    bar = _progress(progress, total=plan.n_tiles, desc="tiles")
-    for idx, batch in batches:
-        pred = predict(batch)
-        for i, p in zip(idx, pred):
-            acc.add(i, p)
-        if bar is not None:
-            bar.update(len(idx))
-    if bar is not None:
-        bar.close()
-    return acc.result()
+    def produce():
+        for idx, batch in iter_tile_batches(volume, plan, batch_size, transform=transform):
+            yield idx, np.asarray(predict(batch))
+
+    return TileStream(plan, channels, produce, progress=progress).merge(blending, out=out)
 
 
 def _progress(enabled: bool, total: int, desc: str):
