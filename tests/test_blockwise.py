@@ -18,6 +18,7 @@ from c3dseg.errors import ExecutionError, PipelineError  # noqa: E402
 from c3dseg.image import Image  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
+from blockwise_faults import inject  # noqa: E402
 from pipeline_kit import item, pipeline_xml  # noqa: E402
 
 SHAPE = (30, 40, 44)
@@ -303,7 +304,6 @@ def test_planner_halos_and_refusals(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def test_existing_output_resume_and_interruption(tmp_path, client, inputs, monkeypatch):
-    from c3dseg.blockwise.runtime import FAULT_ENV
     from c3dseg.zarr_io import zarr_status
 
     zarr_in, tif_in = inputs
@@ -311,16 +311,16 @@ def test_existing_output_resume_and_interruption(tmp_path, client, inputs, monke
     whole = _whole(path, tif_in, str(tmp_path / "whole.tif"))
     out = str(tmp_path / "labels.ome.zarr")
     # an interrupted run: one block of the labelling pass fails every time
-    monkeypatch.setenv(FAULT_ENV, "item_0005-label:1_0_1:fail")
-    with pytest.raises(ExecutionError, match="block 1_0_1 failed"):
-        _blockwise(path, zarr_in, out, client, retries=0)
+    with monkeypatch.context() as mp:
+        inject(mp, "item_0005-label", "1_0_1", "fail", str(tmp_path / "fault"))
+        with pytest.raises(ExecutionError, match="block 1_0_1 failed"):
+            _blockwise(path, zarr_in, out, client, retries=0)
     assert zarr_status(out) is None or zarr_status(out)["status"] == "running"
     assert os.path.isdir(os.path.join(out, ".c3dseg-work"))
     # another pipeline (other blocks) must not take over the unfinished run
     with pytest.raises(PipelineError, match="unfinished blockwise run"):
         _blockwise(path, zarr_in, out, client, block=(22, 21, 22))
     # the same command resumes: the tracking pass is not run again
-    monkeypatch.delenv(FAULT_ENV)
     res, opts = _blockwise(path, zarr_in, out, client)
     assert opts.stats["passes"]["item_0005-track"]["ran"] == 0
     assert 1 <= opts.stats["passes"]["item_0005-label"]["ran"] < 8
@@ -337,14 +337,18 @@ def test_existing_output_resume_and_interruption(tmp_path, client, inputs, monke
 
 
 def test_task_failing_once_is_retried(tmp_path, client, inputs, monkeypatch):
-    from c3dseg.blockwise.runtime import FAULT_ENV
-
     zarr_in, tif_in = inputs
     path = _fused(tmp_path)
     whole = _whole(path, tif_in, str(tmp_path / "whole.tif"))
-    monkeypatch.setenv(FAULT_ENV, "item_0005-track:0_1_1:raise")
+    marker = tmp_path / "fault"
+    inject(monkeypatch, "item_0005-track", "0_1_1", "raise", str(marker))
     res, _ = _blockwise(path, zarr_in, str(tmp_path / "l.ome.zarr"), client)
+    assert marker.exists()                       # it did fail once
     assert np.array_equal(res, whole)
+    # without retries the same fault fails the run, naming the block
+    marker.unlink()
+    with pytest.raises(ExecutionError, match="block 0_1_1 failed in item_0005: track"):
+        _blockwise(path, zarr_in, str(tmp_path / "l2.ome.zarr"), client, retries=0)
 
 
 def test_scheduler_unreachable_writes_nothing(tmp_path, inputs):
@@ -364,7 +368,7 @@ def test_dying_worker_reruns_its_block(tmp_path, inputs, monkeypatch):
     """A local cluster of 2 processes; one worker dies in the middle of a block (os._exit): the
     scheduler reruns the block on a restarted worker and the labels are still identical."""
     from c3dseg.blockwise.executor import BlockwiseOptions, run_blockwise
-    from c3dseg.blockwise.runtime import FAULT_ENV, ClusterOptions
+    from c3dseg.blockwise.runtime import ClusterOptions
     from c3dseg.runner.executor import Target
     from c3dseg.zarr_io import open_volume
 
@@ -372,11 +376,12 @@ def test_dying_worker_reruns_its_block(tmp_path, inputs, monkeypatch):
     path = _fused(tmp_path)
     whole = _whole(path, tif_in, str(tmp_path / "whole.tif"))
     out = str(tmp_path / "died.ome.zarr")
-    monkeypatch.setenv(FAULT_ENV, "item_0005-track:1_1_0:exit")
+    marker = tmp_path / "died"
+    inject(monkeypatch, "item_0005-track", "1_1_0", "exit", str(marker))
     opts = BlockwiseOptions(block=BLOCK, cluster=ClusterOptions(workers=2, memory_limit="1GiB"), keep_work=True,
                             report_memory=True)
     run_blockwise(_plan(path), zarr_in, Target(out, True), opts)
-    assert os.path.exists(os.path.join(out, ".c3dseg-work", "fault-item_0005-track-1_1_0"))   # it did die
+    assert marker.exists()                       # a worker did die in block 1_1_0
     assert len(opts.stats["worker_peak_bytes"]) == 2
     assert np.array_equal(open_volume(out).read(), whole)
 

@@ -33,12 +33,6 @@ from .grid import Block, BlockGrid
 
 log = logging.getLogger("c3dseg")
 
-#: environment variable of the fault-injection hook used by the tests (``PASS:BLOCK:MODE``): MODE
-#: ``raise`` (the task fails once) or ``exit`` (the worker process dies once), both marked in the
-#: work folder so they fire once per run, or ``fail`` (the task fails every time).
-FAULT_ENV = "C3DSEG_BLOCKWISE_FAULT"
-
-
 @dataclass
 class ClusterOptions:
     """How to get workers.  ``memory_limit``: bytes or a string such as ``"2GiB"`` (per worker)."""
@@ -148,32 +142,8 @@ def record_path(work_dir: str, pass_name: str, block: Block) -> str:
     return os.path.join(work_dir, "records", pass_name, block.name + ".pkl")
 
 
-def _maybe_fault(work_dir: str, pass_name: str, block: Block) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    try:
-        p, b, mode = spec.split(":")
-    except ValueError:
-        return
-    if p != pass_name or b != block.name:
-        return
-    if mode == "fail":  # fails every time (an interrupted run)
-        raise RuntimeError(f"injected failure in pass {p}, block {b}")
-    marker = os.path.join(work_dir, f"fault-{p}-{b}")
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.close(fd)
-    if mode == "exit":
-        os._exit(1)  # the worker process dies mid-task
-    raise RuntimeError(f"injected fault in pass {p}, block {b}")
-
-
 def _run_task(fn: Callable, block: Block, work_dir: str, pass_name: str, args: tuple, kwargs: dict):
     """Worker side: run ``fn`` on a block, then write its completion record."""
-    _maybe_fault(work_dir, pass_name, block)
     result = fn(block, *args, **kwargs)
     _atomic_pickle(record_path(work_dir, pass_name, block), result)
     return result
