@@ -62,6 +62,7 @@ log = logging.getLogger("c3dseg")
 
 __all__ = [
     "smooth_flows", "foreground_mask", "track", "track_voxels", "cluster_sinks", "sink_labels",
+    "closed_end_map", "sink_map_reach",
     "filter_by_size", "filter_by_foreground_overlap", "filter_by_flow_error",
     "filter_by_axis_ratio", "relabel_consecutive", "reconstruct", "sphere_volume",
     "INTERPOLATIONS",
@@ -465,6 +466,68 @@ def _ball(radius: int) -> np.ndarray:
     return np.sum(g * g, axis=0) <= r * r
 
 
+def sink_map_reach(closing_radius: int) -> int:
+    """How far (voxels, along every axis) one end voxel can change the closed map of
+    :func:`closed_end_map`: ``2 * closing_radius`` plus the marking radius (0 without closing).
+
+    The map over a box is exact when every end voxel within this distance of the box is given
+    (the blockwise sinks rely on it)."""
+    r = int(closing_radius)
+    return 2 * r + _MARK_RADIUS if r > 0 else 0
+
+
+def closed_end_map(points, shape, closing_radius: int = 1, *, lo=None, hi=None) -> np.ndarray:
+    """The closed occupancy map of end voxels, whose connected components are the sinks.
+
+    Every end voxel marks a ball of radius 1 (see the module docstring); the map is closed with a
+    ball of radius ``closing_radius``, the outside of the volume counting as occupied for the
+    erosion (points near the faces are not eroded away); the end voxels themselves always stay
+    set (the closing is extensive).  ``closing_radius`` 0: just the end voxels.
+
+    Parameters
+    ----------
+    points : ndarray (3, K) of int
+        End voxels (z, y, x) in volume coordinates, inside ``shape``; duplicates allowed.
+    shape : tuple of 3 ints
+        The volume's shape.
+    closing_radius : int
+    lo, hi : 3 ints, optional
+        The box ``lo:hi`` of the volume to compute (default: the whole volume).  The result
+        equals that box of the whole volume's map when ``points`` holds every end voxel within
+        :func:`sink_map_reach` of the box (others are ignored); the work is done on the box grown
+        by ``closing_radius``.
+
+    Returns
+    -------
+    ndarray of bool, shape ``hi - lo``
+    """
+    shape = tuple(int(s) for s in shape)
+    lo = np.zeros(3, np.int64) if lo is None else np.asarray(lo, np.int64)
+    hi = np.asarray(shape if hi is None else hi, np.int64)
+    r = int(closing_radius)
+    pts = np.asarray(points, np.int64).reshape(3, -1)
+    # the erosion at a voxel of the box reads the dilated map up to r voxels away
+    glo = np.maximum(lo - r, 0)
+    ghi = np.minimum(hi + r, np.asarray(shape))
+    gshape = tuple(int(x) for x in ghi - glo)
+    loc = pts - glo[:, None]
+    if r > 0:
+        dil = np.zeros(gshape, bool)
+        top = np.asarray(gshape)[:, None]
+        for off in _ball_offsets(r + _MARK_RADIUS).T:
+            q = loc + off[:, None]
+            ok = np.all((q >= 0) & (q < top), axis=0)
+            dil[tuple(q[:, ok])] = True
+        occ = ndi.binary_erosion(dil, _ball(r), border_value=1)
+        del dil
+    else:
+        occ = np.zeros(gshape, bool)
+    inside = np.all((pts >= lo[:, None]) & (pts < hi[:, None]), axis=0)
+    occ[tuple(loc[:, inside])] = True
+    crop = tuple(slice(int(a), int(a + n)) for a, n in zip(lo - glo, hi - lo))
+    return occ[crop]
+
+
 def sink_labels(end_points, shape, *, closing_radius: int = 1, fully_connected: bool = True):
     """Cluster end points into sinks.
 
@@ -511,21 +574,11 @@ def sink_labels(end_points, shape, *, closing_radius: int = 1, fully_connected: 
     occ = np.zeros(shape, bool)
     occ.reshape(-1)[lin] = True
     if r > 0:
-        # sparse dilation: one scatter per ball offset over the (few) distinct end voxels
-        uniq = np.flatnonzero(occ)
-        uc = np.stack(np.unravel_index(uniq, shape)).astype(np.int64)
-        dil = np.zeros(shape, bool)
-        hi = np.asarray(shape)[:, None]
-        for off in _ball_offsets(r + _MARK_RADIUS).T:
-            c = uc + off[:, None]
-            ok = np.all((c >= 0) & (c < hi), axis=0)
-            dil[tuple(c[:, ok])] = True
+        # the distinct end voxels (from the map: no sort of the K points), marked and closed
+        uc = np.stack(np.unravel_index(np.flatnonzero(occ), shape)).astype(np.int64)
+        del occ
+        occ = closed_end_map(uc, shape, r)
         del uc
-        # erosion with the outside counted as occupied: points near the faces survive
-        ndi.binary_erosion(dil, _ball(r), border_value=1, output=occ)
-        del dil
-        occ.reshape(-1)[uniq] = True  # the closing is extensive
-        del uniq
     structure = np.ones((3, 3, 3), bool) if fully_connected else ndi.generate_binary_structure(3, 1)
     comp, _ = ndi.label(occ, structure)
     del occ

@@ -11,11 +11,11 @@ from c3dseg.flows import labels_to_prediction, tanh_flows
 from c3dseg.image import Image
 from c3dseg.labels import relabel_consecutive
 from c3dseg.metrics import evaluate
-from c3dseg.reconstruction import (_step_map, axis_ratio_per_cell, cluster_sinks,
+from c3dseg.reconstruction import (_step_map, axis_ratio_per_cell, closed_end_map, cluster_sinks,
                                    filter_by_axis_ratio, filter_by_flow_error,
                                    filter_by_foreground_overlap, filter_by_size,
                                    flow_error_per_cell, reconstruct, sink_labels, smooth_flows,
-                                   sphere_volume, track, track_voxels)
+                                   sink_map_reach, sphere_volume, track, track_voxels)
 from c3dseg.synthesis import voronoi_labels
 
 
@@ -196,6 +196,26 @@ def test_sink_labels_closing_and_components():
     # linear indices work too
     lab2, n2 = sink_labels(np.ravel_multi_index(tuple(pts), shape), shape, closing_radius=0)
     assert n2 == 3
+
+
+@pytest.mark.parametrize("r", [0, 1, 3])
+def test_closed_end_map_over_a_box(r):
+    """A box of the closed map from the end voxels within sink_map_reach of it equals that box of
+    the whole map (what the blockwise sinks rely on)."""
+    rng = np.random.default_rng(r)
+    shape = (19, 23, 21)
+    pts = np.stack([rng.integers(0, s, 60) for s in shape])
+    whole = closed_end_map(pts, shape, r)
+    assert whole.shape == shape and whole[tuple(pts)].all()
+    if r:
+        assert whole.sum() > 2 * len(np.unique(np.ravel_multi_index(tuple(pts), shape)))   # marked and closed
+    reach = sink_map_reach(r)
+    assert reach == (2 * r + 1 if r else 0)
+    for lo, hi in (((0, 0, 0), (7, 9, 8)), ((6, 8, 7), (13, 15, 14)), ((12, 15, 14), shape)):
+        lo, hi = np.array(lo), np.array(hi)
+        near = np.all((pts >= (lo - reach)[:, None]) & (pts < (hi + reach)[:, None]), axis=0)
+        box = closed_end_map(pts[:, near], shape, r, lo=lo, hi=hi)
+        assert np.array_equal(box, whole[tuple(slice(a, b) for a, b in zip(lo, hi))])
 
 
 def test_cluster_sinks_dense_and_compact_agree():

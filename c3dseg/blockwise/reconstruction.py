@@ -42,7 +42,6 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from ..errors import ExecutionError, InputError
 from .components import global_labels, label_components_blockwise, load_table, save_table
@@ -230,14 +229,12 @@ def sink_mask(block, ends: Ends, grid, radius: int):
     """Mask function (for the component labelling) of the closed occupancy map on a block's core,
     and the end voxels themselves (the flags: a component is a sink when it holds one).
 
-    Dilation on the core grown by r from the end voxels within 2r, erosion (outside counted as
-    occupied, as :func:`c3dseg.reconstruction.sink_labels` does) exact on the core."""
+    :func:`c3dseg.reconstruction.closed_end_map` on the core, from the end voxels within
+    :func:`~c3dseg.reconstruction.sink_map_reach` of it: exact on the core."""
     from .. import reconstruction as rec
 
     shape = grid.shape
-    r = int(radius)
-    mark = int(getattr(rec, "_MARK_RADIUS", 0)) if r > 0 else 0
-    ext = 2 * r + mark
+    ext = rec.sink_map_reach(radius)
     lo_e = [max(0, a - ext) for a in block.start]
     hi_e = [min(s, b + ext) for b, s in zip(block.stop, shape)]
     pts = []
@@ -250,19 +247,7 @@ def sink_mask(block, ends: Ends, grid, radius: int):
     pts_core = np.zeros(block.shape, bool)
     inc = np.all((c >= np.asarray(block.start)[:, None]) & (c < np.asarray(block.stop)[:, None]), axis=0)
     pts_core[tuple(c[:, inc] - np.asarray(block.start)[:, None])] = True
-    if r == 0:
-        return pts_core, pts_core
-    r1 = block.region((r, r, r), shape)
-    rs = np.asarray(r1.shape)[:, None]
-    dil = np.zeros(r1.shape, bool)
-    loc = c - np.asarray(r1.lo)[:, None]
-    for off in rec._ball_offsets(r + mark).T:
-        q = loc + off[:, None]
-        ok = np.all((q >= 0) & (q < rs), axis=0)
-        dil[tuple(q[:, ok])] = True
-    occ = ndi.binary_erosion(dil, rec._ball(r), border_value=1)
-    closed = occ[r1.crop]
-    closed |= pts_core
+    closed = rec.closed_end_map(c, shape, int(radius), lo=block.start, hi=block.stop)
     return closed, pts_core
 
 
