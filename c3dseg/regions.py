@@ -11,7 +11,7 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = ["label_components", "compact_labels", "filter_by_volume", "region_properties",
-           "REGION_COLUMNS"]
+           "region_sums", "merge_region_sums", "properties_from_sums", "region_table", "REGION_COLUMNS"]
 
 #: columns of :func:`region_properties` (x, y, z in columns 3-5, as XPIWIT's keypoint tables)
 REGION_COLUMNS = (
@@ -112,6 +112,92 @@ def filter_by_volume(labels: np.ndarray, min_volume: int | None = None,
     return lut[compact]
 
 
+def region_sums(labels: np.ndarray, origin=(0, 0, 0)) -> dict[str, np.ndarray]:
+    """Additive per-region sums of a label image, or of one block of a larger one.
+
+    Parameters
+    ----------
+    labels : ndarray ``(Z, Y, X)`` of non-negative integers (0 = background)
+    origin : 3 ints
+        Index (z, y, x) of ``labels[0, 0, 0]`` in the whole volume: sums and boxes are in the
+        whole volume's coordinates, so the sums of its blocks combine with
+        :func:`merge_region_sums` into the sums of the whole volume, exactly (integers).
+
+    Returns
+    -------
+    dict: ``label`` (increasing), ``volume`` (voxels), ``sum`` (3, n) int64 sums of the z, y, x
+    indices, ``lo`` / ``hi`` (3, n) inclusive bounding boxes.
+    """
+    _check_labels(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"expected a (Z, Y, X) label image, got shape {labels.shape}")
+    org = np.asarray(origin, np.int64).reshape(3)
+    lab = labels.astype(np.int64) if labels.dtype.kind in "bf" else labels
+    compact, ids = compact_labels(lab)
+    n = ids.size
+    nz, ny, nx = compact.shape
+    counts = np.zeros(n, dtype=np.int64)
+    sums = np.zeros((3, n), dtype=np.int64)
+    # whole-number weights: the float64 sums of one slice are exact integers
+    yy = np.broadcast_to(np.arange(ny, dtype=np.float64)[:, None], (ny, nx)).ravel()
+    xx = np.broadcast_to(np.arange(nx, dtype=np.float64)[None, :], (ny, nx)).ravel()
+    for z in range(nz):  # slices, not regions: bounded memory
+        flat = compact[z].ravel()
+        c = np.bincount(flat, minlength=n)
+        counts += c
+        sums[0] += z * c
+        sums[1] += np.bincount(flat, weights=yy, minlength=n).astype(np.int64)
+        sums[2] += np.bincount(flat, weights=xx, minlength=n).astype(np.int64)
+    sel = np.flatnonzero(counts[1:] > 0) + 1
+    vol = counts[sel]
+    sums = sums[:, sel] + org[:, None] * vol[None]
+    objs = ndimage.find_objects(compact)
+    box = np.array([[s.start for s in objs[i - 1]] + [s.stop - 1 for s in objs[i - 1]] for i in sel],
+                   dtype=np.int64).reshape(-1, 6).T
+    return {"label": ids[sel].astype(np.int64), "volume": vol, "sum": sums,
+            "lo": box[:3] + org[:, None], "hi": box[3:] + org[:, None]}
+
+
+def merge_region_sums(parts) -> dict[str, np.ndarray]:
+    """The sums of a whole volume from those of its blocks (:func:`region_sums` with origins)."""
+    parts = [p for p in parts if len(p["label"])]
+    if not parts:
+        return {"label": np.zeros(0, np.int64), "volume": np.zeros(0, np.int64),
+                "sum": np.zeros((3, 0), np.int64), "lo": np.zeros((3, 0), np.int64),
+                "hi": np.zeros((3, 0), np.int64)}
+    ids = np.unique(np.concatenate([p["label"] for p in parts]))
+    n = len(ids)
+    vol = np.zeros(n, np.int64)
+    sums = np.zeros((3, n), np.int64)
+    lo = np.full((3, n), np.iinfo(np.int64).max, np.int64)
+    hi = np.full((3, n), -1, np.int64)
+    for p in parts:
+        pos = np.searchsorted(ids, p["label"])
+        np.add.at(vol, pos, p["volume"])
+        for a in range(3):
+            np.add.at(sums[a], pos, p["sum"][a])
+            np.minimum.at(lo[a], pos, p["lo"][a])
+            np.maximum.at(hi[a], pos, p["hi"][a])
+    return {"label": ids, "volume": vol, "sum": sums, "lo": lo, "hi": hi}
+
+
+def properties_from_sums(sums: dict, spacing=(1.0, 1.0, 1.0)) -> dict[str, np.ndarray]:
+    """The columns of :func:`region_properties` from (merged) :func:`region_sums`."""
+    vol = sums["volume"]
+    cz, cy, cx = (sums["sum"][a] / vol for a in range(3))
+    spz, spy, spx = (float(s) for s in spacing)
+    lo, hi = sums["lo"], sums["hi"]
+    return {
+        "label": sums["label"].astype(np.int64),
+        "volume": vol,
+        "centroid_x": cx, "centroid_y": cy, "centroid_z": cz,
+        "volume_um3": vol * (spz * spy * spx),
+        "centroid_x_um": cx * spx, "centroid_y_um": cy * spy, "centroid_z_um": cz * spz,
+        "bbox_x_min": lo[2], "bbox_y_min": lo[1], "bbox_z_min": lo[0],
+        "bbox_x_max": hi[2], "bbox_y_max": hi[1], "bbox_z_max": hi[0],
+    }
+
+
 def region_properties(labels: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> dict[str, np.ndarray]:
     """Volume, centroid and bounding box of every region of a label image.
 
@@ -125,41 +211,19 @@ def region_properties(labels: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> dict[str, 
     dict of 1D arrays, one entry per region in increasing label order, keyed by
     :data:`REGION_COLUMNS`: ``label``; ``volume`` (voxels) and ``volume_um3``; centroids in voxel
     coordinates (``centroid_x`` = mean axis-2 index, ...) and in um (index * spacing); inclusive
-    bounding boxes in voxel indices.
+    bounding boxes in voxel indices.  Blockwise: :func:`region_sums` per block,
+    :func:`merge_region_sums`, :func:`properties_from_sums` give the same numbers.
     """
-    _check_labels(labels)
-    if labels.ndim != 3:
-        raise ValueError(f"expected a (Z, Y, X) label image, got shape {labels.shape}")
-    lab = labels.astype(np.int64) if labels.dtype.kind in "bf" else labels
-    compact, ids = compact_labels(lab)
-    n = ids.size
-    nz, ny, nx = compact.shape
-    counts = np.zeros(n, dtype=np.int64)
-    sz = np.zeros(n)
-    sy = np.zeros(n)
-    sx = np.zeros(n)
-    yy = np.broadcast_to(np.arange(ny, dtype=np.float64)[:, None], (ny, nx)).ravel()
-    xx = np.broadcast_to(np.arange(nx, dtype=np.float64)[None, :], (ny, nx)).ravel()
-    for z in range(nz):  # slices, not regions: bounded memory
-        flat = compact[z].ravel()
-        c = np.bincount(flat, minlength=n)
-        counts += c
-        sz += z * c
-        sy += np.bincount(flat, weights=yy, minlength=n)
-        sx += np.bincount(flat, weights=xx, minlength=n)
-    sel = np.flatnonzero(counts[1:] > 0) + 1
-    vol = counts[sel]
-    spz, spy, spx = (float(s) for s in spacing)
-    cz, cy, cx = sz[sel] / vol, sy[sel] / vol, sx[sel] / vol
-    objs = ndimage.find_objects(compact)
-    box = np.array([[s.start for s in objs[i - 1]] + [s.stop - 1 for s in objs[i - 1]] for i in sel],
-                   dtype=np.int64).reshape(-1, 6)
-    return {
-        "label": ids[sel].astype(np.int64),
-        "volume": vol,
-        "centroid_x": cx, "centroid_y": cy, "centroid_z": cz,
-        "volume_um3": vol * (spz * spy * spx),
-        "centroid_x_um": cx * spx, "centroid_y_um": cy * spy, "centroid_z_um": cz * spz,
-        "bbox_x_min": box[:, 2], "bbox_y_min": box[:, 1], "bbox_z_min": box[:, 0],
-        "bbox_x_max": box[:, 5], "bbox_y_max": box[:, 4], "bbox_z_max": box[:, 3],
-    }
+    return properties_from_sums(region_sums(labels), spacing)
+
+
+def region_table(props: dict, meta: dict | None = None):
+    """:func:`region_properties` as a :class:`~c3dseg.image.MetaTable` (one row per region,
+    :data:`REGION_COLUMNS`; label, volume and boxes as integers)."""
+    from .image import MetaTable
+
+    int_cols = {"label", "volume"} | {c for c in REGION_COLUMNS if c.startswith("bbox")}
+    rows = np.column_stack([props[c].astype(np.float64) for c in REGION_COLUMNS]) \
+        if len(props["label"]) else np.zeros((0, len(REGION_COLUMNS)))
+    table_rows = [[int(v) if c in int_cols else float(v) for c, v in zip(REGION_COLUMNS, r)] for r in rows]
+    return MetaTable(list(REGION_COLUMNS), table_rows, meta=dict(meta or {}))

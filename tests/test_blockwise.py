@@ -263,6 +263,34 @@ def test_generic_filters_identical(tmp_path, client):
     assert np.array_equal(res, whole)
 
 
+def test_region_properties_identical(tmp_path, client):
+    """RegionPropertiesFilter: per-region sums from every block give the whole run's CSV (same
+    text: integer sums, so the centroids agree to the last digit); cells cross block corners."""
+    from c3dseg.blockwise.executor import BlockwiseOptions, run_blockwise
+    from c3dseg.io import write_image
+    from c3dseg.runner.executor import RunOptions, Target, execute
+    from c3dseg.synthesis import voronoi_labels
+
+    lab = voronoi_labels(SHAPE, 30, seed=8).astype(np.uint16)
+    lab[lab % 5 == 0] = 0
+    lab[lab == 7] = 900                          # sparse ids
+    src = str(tmp_path / "labels.tif")
+    write_image(src, Image(lab, (2.0, 0.5, 0.25), {"is_label": True}))
+    path = _pipeline(tmp_path, "props", item("item_0001", "ImageReader", [("cmd", 0)], params={"KeepDataType": 1}),
+                     item("item_0002", "RegionPropertiesFilter", [("item_0001", 1)],
+                          outputs=(("image", 1), ("meta", 1)), params={"WriteResult": 1}))
+    execute(_plan(path), {0: src}, Target(str(tmp_path / "whole"), False), RunOptions())
+    run_blockwise(_plan(path), {0: src}, Target(str(tmp_path / "blocks"), False),
+                  BlockwiseOptions(block=(7, 9, 10), client=client))
+    [w] = list((tmp_path / "whole" / "item_0002_RegionPropertiesFilter").glob("*.csv"))
+    [b] = list((tmp_path / "blocks" / "item_0002_RegionPropertiesFilter").glob("*.csv"))
+    assert w.name == b.name
+    text = w.read_text()
+    assert len(text.splitlines()) == len(np.unique(lab))         # header + one row per cell
+    assert any(r.startswith("900;") for r in text.splitlines())
+    assert b.read_text() == text
+
+
 # ---------------------------------------------------------------------------------------------
 # planner
 # ---------------------------------------------------------------------------------------------
@@ -287,9 +315,9 @@ def test_planner_halos_and_refusals(tmp_path):
     check_block(bp, bp.needed, (100, 100, 100))
     check_block(bp, (1, 1, 1), (1, 1, 1))                 # a tiny volume needs no more than itself
     bad = _pipeline(tmp_path, "bad", item("item_0001", "ImageReader", [("cmd", 0)]),
-                    item("item_0002", "ResampleImageFilter", [("item_0001", 1)], params={"FactorX": 2}),
+                    item("item_0002", "SeededWatershed", [("item_0001", 1)]),
                     item("item_0003", "ImageWriter", [("item_0002", 1)], outputs=()))
-    with pytest.raises(PipelineError, match=r"item_0002 \(ResampleImageFilter\): ResampleImageFilter cannot be run "
+    with pytest.raises(PipelineError, match=r"item_0002 \(SeededWatershed\): SeededWatershed cannot be run "
                                             "blockwise"):
         plan_blocks(_plan(bad))
     series = _pipeline(tmp_path, "series", item("item_0001", "ImageReader", [("cmd", 0)],

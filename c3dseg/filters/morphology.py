@@ -8,8 +8,8 @@ import logging
 import numpy as np
 
 from ..errors import ExecutionError, ParameterError
-from ..image import Image, MetaTable
-from ..regions import REGION_COLUMNS, filter_by_volume, label_components, region_properties
+from ..image import Image
+from ..regions import REGION_COLUMNS, filter_by_volume, label_components, region_properties, region_table
 from ..resampling import output_shape, resample
 from ..schemas.params import Param
 from .base import Filter, Port, register
@@ -163,6 +163,7 @@ class RegionPropertiesFilter(Filter):
     description = ("Extracts label, volume, centroid and bounding box of every region of a label "
                    "image into a table.")
     category = "Other"
+    blockwise = "global"  # per-region sums across blocks: c3dseg.blockwise.reconstruction
     inputs = (Port("image", "labels", "Label image (0 = background)"),)
     outputs = (Port("image", "labels", "The label image, unchanged"),
                Port("meta", "properties", "One row per region: " + ", ".join(REGION_COLUMNS)))
@@ -170,12 +171,6 @@ class RegionPropertiesFilter(Filter):
     def run(self, images, metas):
         img = images[0]
         labels = _label_data(self, img)
-        props = region_properties(labels, img.spacing)
-        rows = np.column_stack([props[c].astype(np.float64) for c in REGION_COLUMNS]) \
-            if len(props["label"]) else np.zeros((0, len(REGION_COLUMNS)))
-        int_cols = {"label", "volume"} | {c for c in REGION_COLUMNS if c.startswith("bbox")}
-        table_rows = [[int(v) if c in int_cols else float(v) for c, v in zip(REGION_COLUMNS, r)]
-                      for r in rows]
-        table = MetaTable(list(REGION_COLUMNS), table_rows,
-                          meta={"basename": img.basename, "source": img.meta.get("source")})
+        table = region_table(region_properties(labels, img.spacing),
+                             meta={"basename": img.basename, "source": img.meta.get("source")})
         return [img], [table]
