@@ -27,6 +27,14 @@ def parse_flow_scale(value: str, key: str = "FlowScale"):
     return f
 
 
+def check_flow_scale(cls, p, key: str = "FlowScale") -> None:
+    """For ``check_params``: the FlowScale parameter parses (error located at the filter)."""
+    try:
+        parse_flow_scale(p[key], key)
+    except ParameterError as e:
+        raise e.located(filter=cls.name)
+
+
 def _labels_of(img, name, item, filt):
     data = img.data
     if data.ndim != 3:
@@ -69,10 +77,7 @@ class LabelsToFlows(Filter):
     @classmethod
     def check_params(cls, p):
         super().check_params(p)
-        try:
-            parse_flow_scale(p["FlowScale"])
-        except ParameterError as e:
-            raise e.located(filter=cls.name)
+        check_flow_scale(cls, p)
 
     def run(self, images, metas):
         img = images[0]

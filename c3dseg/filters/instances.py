@@ -38,7 +38,7 @@ from ..reconstruction import (INTERPOLATIONS, cluster_sinks, filter_by_axis_rati
                               sphere_volume, track)
 from ..schemas.params import Param
 from .base import Filter, Port, register
-from .flows import parse_flow_scale
+from .flows import check_flow_scale, parse_flow_scale
 
 # -- shared parameter declarations ------------------------------------------------------------
 
@@ -75,6 +75,22 @@ P_FLOWERR = Param("MaxFlowError", "double", 0.8, "Largest mean absolute error be
                   min=0.0, allow=(-1.0,))
 P_AXIS = Param("MinAxisRatio", "double", 0.1, "Smallest minor/major axis ratio (reference code: 0.1); "
                "0 disables.", min=0.0, max=1.0)
+
+
+def _flow_ports(text: str = "Flow along {}", prefix: str = "", **kw) -> tuple:
+    """The three flow ports z, y, x (``text`` with the axis filled in)."""
+    return tuple(Port("image", f"{prefix}flow_{a}", text.format(a), **kw) for a in "zyx")
+
+
+def _halo_from(fn_name: str):
+    """A ``halo`` method returning ``c3dseg.blockwise.reconstruction.<fn_name>(params)``."""
+    def halo(self, spacing=(1.0, 1.0, 1.0)):
+        """Context the blockwise passes read at least (see :mod:`c3dseg.blockwise.reconstruction`)."""
+        from ..blockwise import reconstruction
+
+        return getattr(reconstruction, fn_name)(self.p)
+
+    return halo
 
 
 def _err(self, e: C3DError) -> C3DError:
@@ -125,15 +141,11 @@ class FlowSmoothingFilter(Filter):
     blockwise = "local"
     inputs = (
         Port("image", "foreground", "Foreground probability"),
-        Port("image", "flow_z", "Flow along z"),
-        Port("image", "flow_y", "Flow along y"),
-        Port("image", "flow_x", "Flow along x"),
+        *_flow_ports(),
     )
     outputs = (
         Port("image", "mask", "Foreground mask (uint8 0/1)"),
-        Port("image", "flow_z", "Smoothed flow along z"),
-        Port("image", "flow_y", "Smoothed flow along y"),
-        Port("image", "flow_x", "Smoothed flow along x"),
+        *_flow_ports("Smoothed flow along {}"),
     )
     params = (
         Param("Sigma", "double", 1.0, "Gaussian standard deviation in voxels (0: no smoothing).", min=0.0,
@@ -172,12 +184,8 @@ class FlowTrackingFilter(Filter):
     category = "ImageFilter"
     inputs = (
         Port("image", "mask", "Foreground mask (non-zero = tracked)"),
-        Port("image", "flow_z", "Flow along z (smoothed)"),
-        Port("image", "flow_y", "Flow along y (smoothed)"),
-        Port("image", "flow_x", "Flow along x (smoothed)"),
-        Port("image", "raw_flow_z", "Unsmoothed flow along z for the first step", optional=True),
-        Port("image", "raw_flow_y", "Unsmoothed flow along y for the first step", optional=True),
-        Port("image", "raw_flow_x", "Unsmoothed flow along x for the first step", optional=True),
+        *_flow_ports("Flow along {} (smoothed)"),
+        *_flow_ports("Unsmoothed flow along {} for the first step", "raw_", optional=True),
     )
     outputs = (Port("image", "end_points", "End positions (3, Z, Y, X) float32 in voxels"),)
     params = (P_STEP, P_ITER, P_INTERP, P_SPACING,
@@ -185,11 +193,7 @@ class FlowTrackingFilter(Filter):
                     "(voxels; 0 when a FlowSmoothingFilter came first). The first step uses the "
                     "unsmoothed flows.", min=0.0, unit="voxels"))
 
-    def halo(self, spacing=(1.0, 1.0, 1.0)):
-        """Context the blockwise passes read at least (the starting tracking reach)."""
-        from ..blockwise.reconstruction import tracking_halo
-
-        return tracking_halo(self.p)
+    halo = _halo_from("tracking_halo")
 
     def run(self, images, metas):
         try:
@@ -224,11 +228,7 @@ class SinkClusteringFilter(Filter):
     outputs = (Port("image", "labels", "Labels (uint16; uint32 past 65535 cells)"),)
     params = (P_CLOSING, P_FULLY)
 
-    def halo(self, spacing=(1.0, 1.0, 1.0)):
-        """Context the blockwise passes read at least (twice the closing radius)."""
-        from ..blockwise.reconstruction import sinks_halo
-
-        return sinks_halo(self.p)
+    halo = _halo_from("sinks_halo")
 
     def run(self, images, metas):
         img = images[0]
@@ -292,19 +292,14 @@ class InstanceFlowErrorFilter(_LabelFilter):
                    "absolute error against the predicted flows exceeds MaxFlowError.")
     inputs = (
         Port("image", "labels", "Label image"),
-        Port("image", "flow_z", "Predicted flow along z (unsmoothed)"),
-        Port("image", "flow_y", "Predicted flow along y (unsmoothed)"),
-        Port("image", "flow_x", "Predicted flow along x (unsmoothed)"),
+        *_flow_ports("Predicted flow along {} (unsmoothed)"),
     )
     params = (P_FLOWERR, P_FLOWTYPE, P_FLOWSCALE)
 
     @classmethod
     def check_params(cls, p):
         super().check_params(p)
-        try:
-            parse_flow_scale(p["FlowScale"])
-        except ParameterError as e:
-            raise e.located(filter=cls.name)
+        check_flow_scale(cls, p)
 
     def run(self, images, metas):
         labels = self._labels(images[0])
@@ -356,9 +351,7 @@ class FlowReconstructionFilter(Filter):
     category = "ImageFilter"
     inputs = (
         Port("image", "foreground", "Foreground probability"),
-        Port("image", "flow_z", "Flow along z"),
-        Port("image", "flow_y", "Flow along y"),
-        Port("image", "flow_x", "Flow along x"),
+        *_flow_ports(),
     )
     outputs = (Port("image", "labels", "Labels 1..N (uint16; uint32 past 65535 cells)"),)
     params = (
@@ -372,16 +365,9 @@ class FlowReconstructionFilter(Filter):
     @classmethod
     def check_params(cls, p):
         super().check_params(p)
-        try:
-            parse_flow_scale(p["FlowScale"])
-        except ParameterError as e:
-            raise e.located(filter=cls.name)
+        check_flow_scale(cls, p)
 
-    def halo(self, spacing=(1.0, 1.0, 1.0)):
-        """Context the blockwise passes read at least (the starting tracking reach)."""
-        from ..blockwise.reconstruction import reconstruction_halo
-
-        return reconstruction_halo(self.p)
+    halo = _halo_from("reconstruction_halo")
 
     def run(self, images, metas):
         p = self.p
@@ -437,11 +423,7 @@ class GradientVectorFlowTrackingImageFilter(Filter):
               "(c3dseg extension; 1 moves at most one voxel per axis).", min=1e-6, unit="voxels"),
     )
 
-    def halo(self, spacing=(1.0, 1.0, 1.0)):
-        """Context the blockwise passes read at least (the starting tracking reach)."""
-        from ..blockwise.reconstruction import tracking_halo
-
-        return tracking_halo(self.p)
+    halo = _halo_from("tracking_halo")
 
     def run(self, images, metas):
         try:
