@@ -38,7 +38,7 @@ from .labels import check_labels, compress_labels, label_sums
 
 log = logging.getLogger("c3dseg")
 
-__all__ = ["tanh_flows", "iter_tanh_flows", "tanh_scales", "heat_flows", "foreground_target",
+__all__ = ["tanh_flows", "iter_tanh_flows", "tanh_scales", "tanh_tables", "iter_tanh_box", "heat_flows", "foreground_target",
            "labels_to_prediction", "cell_statistics", "FLOW_TYPES", "FOREGROUND_MODES"]
 
 FLOW_TYPES = ("tanh", "heat")
@@ -127,11 +127,12 @@ def cell_statistics(index: np.ndarray, n: int, *, median: bool = False) -> dict:
     return out
 
 
-def _grid(shape, axis):
-    """Coordinates along ``axis`` broadcastable to ``shape`` (no full-size array)."""
+def _grid(shape, axis, origin: int = 0):
+    """Coordinates along ``axis`` broadcastable to ``shape`` (no full-size array), starting at
+    ``origin`` (the box's first index in a larger volume)."""
     s = [1, 1, 1]
     s[axis] = shape[axis]
-    return np.arange(shape[axis], dtype=np.float32).reshape(s)
+    return np.arange(origin, origin + shape[axis], dtype=np.float32).reshape(s)
 
 
 def _check_spacing(spacing):
@@ -252,15 +253,34 @@ def iter_tanh_flows(labels, scale="adaptive", spacing=None, *, out=None):
             yield a, f
         return
     st = cell_statistics(index, n)
-    s = tanh_scales(index, n, scale, spacing, stats=st)
-    present = st["size"] > 0
+    centroid, inv = tanh_tables(st, scale, spacing)
+    yield from iter_tanh_box(index, centroid, inv, out=out)
+
+
+def tanh_tables(stats: dict, scale="adaptive", spacing=None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell tables of :func:`tanh_flows`: centroids and inverse divisors, (3, n + 1) float32
+    each (entry 0 and absent cells: inverse 0, so their flow is 0).
+
+    ``stats``: :func:`cell_statistics` of the whole label image (``size``, ``centroid``, ``lo``,
+    ``hi``), or the same tables summed across the blocks of a larger one."""
+    s = tanh_scales(None, len(stats["size"]) - 1, scale, spacing, stats=stats)
+    present = stats["size"] > 0
     present[0] = False
+    inv = np.where(present[None], 1.0 / s, 0.0).astype(np.float32)
+    return np.asarray(stats["centroid"]).astype(np.float32), inv
+
+
+def iter_tanh_box(index, centroid, inv, origin=(0, 0, 0), *, out=None):
+    """The tanh flow channels of a box of a label volume, given its per-cell tables
+    (:func:`tanh_tables`): yields ``(axis, flow)``.
+
+    ``index`` addresses the tables (0 = background); ``origin`` is the box's first voxel in the
+    volume: the flows are those of the whole volume over that box, to the last bit."""
+    shape = index.shape
     for a in range(3):
         f = out[a] if out is not None else np.empty(shape, np.float32)
-        c = st["centroid"][a].astype(np.float32)
-        np.subtract(_grid(shape, a), c[index], out=f)  # p_a - c_a
-        inv = np.where(present, 1.0 / s[a], 0.0).astype(np.float32)  # background: 0
-        np.multiply(f, inv[index], out=f)
+        np.subtract(_grid(shape, a, int(origin[a])), centroid[a][index], out=f)  # p_a - c_a
+        np.multiply(f, inv[a][index], out=f)
         np.tanh(f, out=f)
         yield a, f
 

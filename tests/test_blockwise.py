@@ -291,6 +291,46 @@ def test_region_properties_identical(tmp_path, client):
     assert b.read_text() == text
 
 
+@pytest.mark.parametrize("scale", ["adaptive", "axis", "3"])
+def test_labels_to_flows_identical(tmp_path, client, scale):
+    """LabelsToFlows (tanh): cell centroids/divisors summed across blocks, flows per block: the four
+    channels equal the whole run's bit for bit; heat flows and the hull foreground are refused."""
+    from c3dseg.blockwise.planner import plan_blocks
+    from c3dseg.io import read_image, write_image
+    from c3dseg.synthesis import voronoi_labels
+
+    lab = voronoi_labels(SHAPE, 25, seed=6).astype(np.uint16)
+    lab[lab % 4 == 0] = 0
+    lab[lab == 5] = 3000                         # sparse ids
+    src = str(tmp_path / "labels.tif")
+    write_image(src, Image(lab, (2.0, 0.5, 0.5), {"is_label": True}))
+
+    def pipe(name, **params):
+        return _pipeline(
+            tmp_path, name, item("item_0001", "ImageReader", [("cmd", 0)], params={"KeepDataType": 1}),
+            item("item_0002", "LabelsToFlows", [("item_0001", 1)], params=params,
+                 outputs=(("image", 1), ("image", 2), ("image", 3), ("image", 4))),
+            item("item_0003", "ChannelMerger", [("item_0002", 1), ("item_0002", 2), ("item_0002", 3),
+                                                ("item_0002", 4)]),
+            item("item_0004", "ImageWriter", [("item_0003", 1)], outputs=()))
+
+    path = pipe("flows", FlowScale=scale, FlowScaleInMicrometres=int(scale == "3"))
+    from c3dseg.runner.executor import RunOptions, Target, execute
+
+    execute(_plan(path), {0: src}, Target(str(tmp_path / "whole.tif"), True), RunOptions())
+    whole = read_image(str(tmp_path / "whole.tif")).data
+    res, opts = _blockwise(path, {0: src}, str(tmp_path / "flows.ome.zarr"), client, block=(7, 9, 10))
+    assert opts.stats["grid"]["blocks"] > 40
+    assert res.shape == whole.shape == (4,) + SHAPE and res.dtype == np.float32
+    assert 0.5 < np.abs(whole[1:]).max() <= 1 and whole[0].sum() == (lab > 0).sum()
+    np.testing.assert_array_equal(res, whole)
+    for params, match in (({"FlowType": "heat"}, "FlowType=heat cannot be run blockwise"),
+                          ({"ForegroundMode": "hull"}, "ForegroundMode=hull cannot be run blockwise")):
+        with pytest.raises(PipelineError, match=match) as e:
+            plan_blocks(_plan(pipe("refused", **params)))
+        assert e.value.item == "item_0002"
+
+
 # ---------------------------------------------------------------------------------------------
 # planner
 # ---------------------------------------------------------------------------------------------

@@ -922,3 +922,6 @@ def _reconstruction_impl(env, step, images, metas):
         min_overlap=p["MinOverlap"], max_flow_error=None if p["MaxFlowError"] < 0 else p["MaxFlowError"],
         min_axis_ratio=p["MinAxisRatio"] or None, flow_scale=_flow_scale(p))
     return [out], []
+
+
+from . import targets as _targets  # noqa: E402,F401  (registers LabelsToFlows)

@@ -50,6 +50,9 @@ class LabelsToFlows(Filter):
     description = ("Computes the network targets of a label image: foreground (image1) and the flows "
                    "along z, y, x (image2..4), pointing away from each cell's centre.")
     category = "ImageFilter"
+    #: per-cell centroids and divisors across blocks, then tanh flows per block:
+    #: c3dseg.blockwise.targets (heat flows and the hull foreground are refused)
+    blockwise = "global"
     inputs = (Port("image", "labels", "Label image (0 background; read with KeepDataType=1)"),)
     outputs = (
         Port("image", "foreground", "Foreground target (float32, 0/1)"),
@@ -78,6 +81,13 @@ class LabelsToFlows(Filter):
     def check_params(cls, p):
         super().check_params(p)
         check_flow_scale(cls, p)
+
+    def halo(self, spacing=(1.0, 1.0, 1.0)):
+        """No context beyond the block; refuses the settings that cannot be cut into blocks."""
+        from ..blockwise.targets import check_blockwise
+
+        check_blockwise(self.p, self.ctx.item_id or None, self.name)
+        return (0, 0, 0)
 
     def run(self, images, metas):
         img = images[0]
