@@ -360,6 +360,13 @@ def test_planner_halos_and_refusals(tmp_path):
     with pytest.raises(PipelineError, match=r"item_0002 \(SeededWatershed\): SeededWatershed cannot be run "
                                             "blockwise"):
         plan_blocks(_plan(bad))
+    linear = _pipeline(tmp_path, "linear", *_readers(),
+                       item("item_0005", "FlowReconstructionFilter",
+                            [("item_0001", 1), ("item_0002", 1), ("item_0003", 1), ("item_0004", 1)],
+                            params=dict(RECON, Interpolation="linear")))
+    with pytest.raises(PipelineError, match=r"item_0005 \(FlowReconstructionFilter\).*Interpolation=linear cannot be "
+                                            "run blockwise"):
+        plan_blocks(_plan(linear))
     series = _pipeline(tmp_path, "series", item("item_0001", "ImageReader", [("cmd", 0)],
                                                 params={"UseSeriesReader": 1}),
                        item("item_0002", "ImageWriter", [("item_0001", 1)], outputs=()))

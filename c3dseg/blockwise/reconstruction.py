@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ExecutionError, InputError
+from ..errors import ExecutionError, InputError, PipelineError
 from .components import global_labels, label_components_blockwise, load_table, save_table
 from .grid import Region
 from .values import Derived, RegionLeaf, Stored, evaluate
@@ -827,13 +827,23 @@ def _relabel_impl(env, step, images, metas):
     return [relabel(env, item, images[0], ids, np.arange(1, len(ids) + 1), label_dtype(len(ids)))], []
 
 
+def check_interpolation(params) -> None:
+    """Refuse (at planning) tracking that has no exact cut: linear interpolation keeps float positions
+    whose paths are not a fixed voxel-to-voxel map, so they cannot be composed block by block."""
+    if params.get("Interpolation", "nearest") != "nearest":
+        raise PipelineError("Interpolation=linear cannot be run blockwise (only nearest-voxel tracking has an "
+                            "exact cut); use Interpolation=nearest or run without --blocks", key="Interpolation")
+
+
 def tracking_halo(params, spacing=None):
+    check_interpolation(params)
     r = default_reach(params.get("StepSize", 1.0), params.get("NumIterations", 25)) + \
         smoothing_radius(params.get("SmoothingSigma", 0.0)) + 1
     return (r, r, r)
 
 
 def reconstruction_halo(params, spacing=None):
+    check_interpolation(params)
     r = default_reach(params.get("StepSize", 4.0), params.get("NumIterations", 100)) + \
         smoothing_radius(params.get("SmoothingSigma", 0.0)) + 1
     return (r, r, r)

@@ -88,7 +88,10 @@ def _halo_from(fn_name: str):
         """Context the blockwise passes read at least (see :mod:`c3dseg.blockwise.reconstruction`)."""
         from ..blockwise import reconstruction
 
-        return getattr(reconstruction, fn_name)(self.p)
+        try:
+            return getattr(reconstruction, fn_name)(self.p)
+        except C3DError as e:
+            raise _err(self, e)
 
     return halo
 
