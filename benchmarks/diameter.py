@@ -1,6 +1,7 @@
 """Cell-diameter estimate against the truth on synthetic validation and out-of-distribution volumes.
 
     python benchmarks/diameter.py [--n-val 40] [--n-ood 20] [--shape 64,128,128] [--calibrate N]
+                                  [--cache DIR]
 
 Volumes come from :func:`c3dseg.synthesis.make_sample` with the seed convention of ``c3d-synth``
 (validation: 10**6 + i, ood: 2 * 10**6 + i, i = 0..n-1), so they are exactly what
@@ -13,6 +14,7 @@ diameter of the interior ground-truth cells.  ``--calibrate N`` first measures N
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -25,21 +27,39 @@ from c3dseg import diameter as dm  # noqa: E402
 from c3dseg.synthesis import PRESET_SEED_OFFSET, make_sample  # noqa: E402
 
 
-def measure(preset, n, shape, calibration=None, verbose=True):
+def load_sample(preset, seed, shape, cache=None):
+    """``make_sample(preset, seed, shape)`` (image, spacing, parameters), kept in ``cache`` (a folder)
+    when given: generating a volume takes longer than measuring it."""
+    if cache:
+        path = os.path.join(cache, f"{preset}_{seed}_{'x'.join(map(str, shape))}.npz")
+        if os.path.exists(path):
+            with np.load(path, allow_pickle=False) as z:
+                return z["image"], tuple(z["spacing"]), json.loads(str(z["params"]))
+    img, _, sp, p = make_sample(preset, seed, shape=shape)
+    if cache:
+        os.makedirs(cache, exist_ok=True)
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, image=img, spacing=np.asarray(sp), params=json.dumps(p, default=str))
+        os.replace(tmp, path)
+    return img, tuple(sp), p
+
+
+def measure(preset, n, shape, calibration=None, verbose=True, cache=None):
     rows = []
     for i in range(n):
         seed = PRESET_SEED_OFFSET[preset] + i
-        img, lab, sp, p = make_sample(preset, seed, shape=shape)
+        img, sp, p = load_sample(preset, seed, shape, cache)
         t0 = time.perf_counter()
-        est = dm.estimate_cell_diameter(img, sp, calibration=calibration)
+        est, info = dm.estimate_cell_diameter(img, sp, calibration=calibration, return_details=True)
         dt = time.perf_counter() - t0
         truth = p["median_diameter_um"]
-        rows.append((seed, truth, est, dt))
+        rows.append((seed, truth, est, dt, info["structure"]))
         if verbose:
             extra = ",".join(p.get("ood_keys", []))
             print(f"{preset:10s} {seed:8d} {p['tissue']:9s} truth {truth:7.2f} um  estimate {est:7.2f} um  "
                   f"ratio {est / truth:5.2f}  {dt:5.1f} s  d/vox {truth / sp[2]:5.1f}  z/xy {sp[0] / sp[2]:4.2f}  "
-                  f"photons {p['photons']:6.1f}  {extra}", flush=True)
+                  f"photons {p['photons']:6.1f}  faint {p['faint_wall_fraction']:.2f}  "
+                  f"downscale {info['downscale']}  structure {info['structure']:5.1f}  {extra}", flush=True)
     return np.array(rows, dtype=np.float64)
 
 
@@ -51,7 +71,21 @@ def summary(name, rows):
           f"({int(np.sum(err[ok] <= 0.2))}/{len(rows)}), within 30 %: {np.mean(err[ok] <= 0.3) * 100:.1f} %, "
           f"median |error| {np.median(err[ok]) * 100:.1f} %, max |error| {np.max(err[ok]) * 100:.1f} %, "
           f"median ratio {np.median(ratio[ok]):.3f}, failed (NaN) {int(np.sum(~ok))}, "
-          f"mean time {rows[:, 3].mean():.2f} s", flush=True)
+          f"time per volume mean {rows[:, 3].mean():.2f} s / max {rows[:, 3].max():.2f} s, "
+          f"lowest structure-to-noise {rows[:, 4].min():.1f} (empty below {dm.MIN_STRUCTURE:g})", flush=True)
+
+
+def empty_stacks(shape):
+    """The estimate on stacks without tissue (must be NaN: no cells)."""
+    rng = np.random.default_rng(0)
+    for name, img in (("constant", np.full(shape, 100.0, np.float32)),
+                      ("poisson noise, 3 photons", rng.poisson(3.0, shape).astype(np.float32)),
+                      ("poisson noise, 300 photons", rng.poisson(300.0, shape).astype(np.float32)),
+                      ("gaussian noise", rng.normal(100.0, 10.0, shape).astype(np.float32))):
+        t0 = time.perf_counter()
+        est, info = dm.estimate_cell_diameter(img, (2.0, 0.5, 0.5), return_details=True)
+        print(f"empty stack ({name}): estimate {est} (structure-to-noise {info['structure']:.2f}), "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
 
 
 def main(argv=None):
@@ -61,20 +95,23 @@ def main(argv=None):
     ap.add_argument("--shape", default="64,128,128")
     ap.add_argument("--calibrate", type=int, default=0, metavar="N",
                     help="fit the calibration factor on N training volumes first")
+    ap.add_argument("--cache", default=None, metavar="DIR",
+                    help="keep the generated volumes in DIR (.npz) and reuse them on later runs")
     args = ap.parse_args(argv)
     shape = tuple(int(v) for v in args.shape.split(","))
     print(f"c3dseg.diameter.CALIBRATION = {dm.CALIBRATION:.4f}, shape {shape}", flush=True)
     if args.calibrate:
-        rows = measure("train", args.calibrate, shape, calibration=1.0)
+        rows = measure("train", args.calibrate, shape, calibration=1.0, cache=args.cache)
         fit = float(np.nanmedian(rows[:, 1] / rows[:, 2]))
         print(f"calibration fitted on {args.calibrate} training volumes: {fit:.4f} "
               f"(1/{1 / fit:.3f}); in use: {dm.CALIBRATION:.4f}", flush=True)
         rows[:, 2] *= dm.CALIBRATION
         summary("train (calibration in use)", rows)
+    empty_stacks(shape)
     if args.n_val:
-        summary("validation", measure("validation", args.n_val, shape))
+        summary("validation", measure("validation", args.n_val, shape, cache=args.cache))
     if args.n_ood:
-        summary("ood", measure("ood", args.n_ood, shape))
+        summary("ood", measure("ood", args.n_ood, shape, cache=args.cache))
 
 
 if __name__ == "__main__":

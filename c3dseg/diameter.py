@@ -23,9 +23,10 @@ import math
 import numpy as np
 
 from .errors import InputError
-from .watershed import region_diameters, seeded_watershed
+from .watershed import (_kernel_l2, noise_sigma, normalise_percentiles, region_diameters, seeded_watershed,
+                        smooth_physical)
 
-__all__ = ["estimate_cell_diameter", "CALIBRATION"]
+__all__ = ["estimate_cell_diameter", "structure_to_noise", "CALIBRATION"]
 
 #: True median diameter / median watershed region diameter, fitted on ``c3d-synth --preset train``
 #: volumes (seeds 0-39, never the validation seeds) by ``benchmarks/diameter.py --calibrate 40``,
@@ -37,6 +38,22 @@ SMOOTHING = 0.1
 
 #: Seed depth in units of the noise left after smoothing.
 H_FACTOR = 2.0
+
+#: Voxels measured by the first pass (native resolution, light smoothing).
+PASS1_VOXELS = 300_000
+
+#: Voxels measured by the second pass (after the lateral downscale).
+PASS2_VOXELS = 400_000
+
+#: The second pass downscales laterally by the largest integer factor that leaves the first
+#: estimate at least this many voxels across (cells are >= ~7 voxels: small cells keep full
+#: resolution).
+TARGET_VOXELS = 10.0
+
+#: Images whose :func:`structure_to_noise` is below this hold no cells (pure noise gives ~1.1; the
+#: ``c3d-synth`` training volumes measured 5 (4.9 photons at a wall peak) to 150+; the benchmark
+#: prints the lowest).
+MIN_STRUCTURE = 2.0
 
 
 def _central_block(data, max_voxels):
@@ -54,6 +71,33 @@ def _central_block(data, max_voxels):
     return data[tuple(slice(s, s + t) for s, t in zip(start, target))]
 
 
+def _downscale_lateral(data, f):
+    """Mean over ``f`` x ``f`` lateral voxel blocks (the z axis is kept; trailing voxels dropped)."""
+    if f <= 1:
+        return np.asarray(data, np.float32)
+    z, y, x = data.shape
+    y, x = y - y % f, x - x % f
+    a = np.asarray(data[:, :y, :x], np.float32).reshape(z, y // f, f, x // f, f)
+    return a.mean(axis=(2, 4), dtype=np.float32)
+
+
+def structure_to_noise(data, spacing) -> float:
+    """How far a stack is from featureless: standard deviation of the image smoothed with a sigma
+    of two lateral voxels, over the standard deviation that its own voxel noise
+    (:func:`c3dseg.watershed.noise_sigma`) leaves after that smoothing.  Pure noise (any level,
+    white) gives about 1, a constant image 0, membrane-stained tissue tens (the lowest of the
+    training volumes of ``c3d-synth``: see :data:`MIN_STRUCTURE`)."""
+    x = normalise_percentiles(data)
+    if not x.any():
+        return 0.0
+    g, sv = smooth_physical(x, spacing, 2.0 * float(spacing[2]))
+    noise = noise_sigma(x) * _kernel_l2(sv)
+    sd = float(g.std())
+    if noise <= 0:
+        return math.inf if sd > 0 else 0.0
+    return sd / noise
+
+
 def estimate_cell_diameter(image, spacing=(1.0, 1.0, 1.0), *, max_voxels=4_000_000,
                            calibration=None, return_details=False):
     """Median equivalent-sphere cell diameter (um) of a membrane-stained stack.
@@ -65,18 +109,24 @@ def estimate_cell_diameter(image, spacing=(1.0, 1.0, 1.0), *, max_voxels=4_000_0
     spacing : tuple of 3 floats
         (z, y, x) voxel size in um.
     max_voxels : int
-        Larger images are measured on a central block of about this many voxels (laterally
-        cropped first), which keeps the cost to a few seconds.
+        Only the central block of about this many voxels (laterally cropped first) is read.  The
+        cost does not grow with it: the first pass measures a central part of
+        :data:`PASS1_VOXELS` voxels; the second the block downscaled laterally by an integer
+        factor that brings the first estimate to about :data:`TARGET_VOXELS` voxels across,
+        cropped to :data:`PASS2_VOXELS` voxels.
     calibration : float, optional
         Factor applied to the measured median (default :data:`CALIBRATION`).
     return_details : bool
-        Also return a dict with the passes (``passes``: list of (smoothing_um, h, regions,
-        median_um)) and the block shape.
+        Also return a dict: ``passes`` (list of (smoothing_um, h, regions, median_um)),
+        ``block_shape`` (the block read), ``downscale`` (lateral factor of the second pass),
+        ``structure`` (:func:`structure_to_noise`) and ``empty`` (True when the image holds no
+        cells: constant, pure noise or too few regions).
 
     Returns
     -------
     float
-        Diameter in um; NaN when the image holds no cells (fewer than 3 regions).
+        Diameter in um; NaN when the image holds no cells (featureless: structure-to-noise
+        below :data:`MIN_STRUCTURE`, or fewer than 3 regions).
     """
     data = np.asarray(image)
     if data.ndim != 3:
@@ -86,20 +136,67 @@ def estimate_cell_diameter(image, spacing=(1.0, 1.0, 1.0), *, max_voxels=4_000_0
         raise InputError(f"spacing must be 3 positive numbers (z, y, x) in um, got {spacing}")
     cal = CALIBRATION if calibration is None else float(calibration)
     block = _central_block(data, int(max_voxels))
-    passes = []
-    estimate = float("nan")
-    diameter = None
-    for _ in range(2):
-        labels, info = seeded_watershed(block, spacing, diameter_um=diameter, smoothing=SMOOTHING,
-                                        h_factor=H_FACTOR, background="auto-regions", return_info=True)
-        d = region_diameters(labels, spacing)
-        if len(d) < 3:
-            passes.append((info["sigma_um"], info["h"], int(len(d)), float("nan")))
-            break
-        med = float(np.median(d))
-        passes.append((info["sigma_um"], info["h"], int(len(d)), med))
-        estimate = med * cal
-        diameter = med
-    if return_details:
-        return estimate, {"passes": passes, "block_shape": tuple(block.shape)}
-    return estimate
+    details = {"passes": [], "block_shape": tuple(block.shape), "downscale": 1, "structure": 0.0,
+               "empty": True}
+
+    def done(value):
+        details["empty"] = not math.isfinite(value)
+        return (value, details) if return_details else value
+
+    first = _central_block(block, PASS1_VOXELS)
+    details["structure"] = structure = structure_to_noise(first, spacing)
+    if not structure >= MIN_STRUCTURE:
+        return done(float("nan"))
+    # pass 1: light smoothing (one lateral voxel), native resolution
+    med = _measure(first, spacing, None, details["passes"])
+    if not math.isfinite(med):
+        return done(float("nan"))
+    # pass 2: smoothing scaled to the first estimate, on a grid where cells are ~TARGET_VOXELS across
+    f = max(1, int(med * cal / spacing[2] / TARGET_VOXELS))
+    details["downscale"] = f
+    second = _central_block(_downscale_lateral(block, f), PASS2_VOXELS)
+    sp2 = (spacing[0], spacing[1] * f, spacing[2] * f)
+    med2 = _measure(second, sp2, med, details["passes"])
+    if math.isfinite(med2):
+        med = med2
+    return done(med * cal)
+
+
+def equatorial_section_diameters(labels, spacing):
+    """Equivalent-circle diameters (um) of the widest xy section of every cell of a planar label
+    image (each label in one z-slice; :func:`seeded_watershed` with ``planar``): a section is kept
+    when its area is at least that of the section it overlaps most in the slice above and in the
+    slice below (its neighbours along the same cell), so caps do not count.  Sections touching the
+    lateral border are left out (unless fewer than 5 remain)."""
+    labels = np.asarray(labels)
+    n = int(labels.max())
+    area = np.bincount(labels.ravel().astype(np.int64), minlength=n + 1)
+    keep = area > 0
+    keep[0] = False
+    for lo, hi in ((labels[:-1], labels[1:]), (labels[1:], labels[:-1])):
+        a = lo.ravel().astype(np.int64)
+        b = hi.ravel().astype(np.int64)
+        both = (a > 0) & (b > 0)
+        key = a[both] * (n + 1) + b[both]
+        pairs, counts = np.unique(key, return_counts=True)
+        pa, pb = pairs // (n + 1), pairs % (n + 1)
+        order = np.lexsort((counts, pa))            # per a, the largest overlap last
+        last = np.r_[pa[order][1:] != pa[order][:-1], True]
+        best_a, best_b = pa[order][last], pb[order][last]
+        keep[best_a[area[best_b] > area[best_a]]] = False
+    border = np.zeros(n + 1, bool)
+    for sl in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
+        border[np.unique(sl)] = True
+    if (keep & ~border).sum() >= 5:
+        keep &= ~border
+    return np.sqrt(4.0 * area[keep] * spacing[1] * spacing[2] / np.pi)
+
+
+def _measure(block, spacing, diameter, passes, planar=False):
+    labels, info = seeded_watershed(block, spacing, diameter_um=diameter, smoothing=SMOOTHING,
+                                    h_factor=H_FACTOR, background="auto-regions", planar=planar,
+                                    return_info=True)
+    d = equatorial_section_diameters(labels, spacing) if planar else region_diameters(labels, spacing)
+    med = float(np.median(d)) if len(d) >= 3 else float("nan")
+    passes.append((info["sigma_um"], info["h"], int(len(d)), med))
+    return med

@@ -129,3 +129,30 @@ def test_filters(easy):
         est({"Channel": 3}).run([Image(np.stack([img, img]), sp)], [])
     two, _ = est({"Channel": 1}).run([Image(np.stack([img * 0, img]), sp)], [])
     assert two[0].meta["cell_diameter_um"] == pytest.approx(d)
+
+
+@pytest.mark.parametrize("kind", ["constant", "poisson", "gaussian"])
+def test_stacks_without_tissue_give_nan(kind):
+    from c3dseg.diameter import MIN_STRUCTURE
+
+    rng = np.random.default_rng(0)
+    img = {"constant": np.full((16, 48, 48), 7.0), "poisson": rng.poisson(2.0, (16, 48, 48)),
+           "gaussian": rng.normal(100, 5, (16, 48, 48))}[kind]
+    d, info = estimate_cell_diameter(img, (2.0, 0.5, 0.5), return_details=True)
+    assert math.isnan(d) and info["empty"] and info["structure"] < MIN_STRUCTURE
+    assert info["passes"] == []
+
+
+def test_tissue_is_far_above_the_empty_threshold(easy):
+    from c3dseg.diameter import MIN_STRUCTURE, structure_to_noise
+
+    img, lab, sp, p = easy
+    assert structure_to_noise(img, sp) > 3 * MIN_STRUCTURE
+
+
+def test_large_cells_are_measured_downscaled():
+    img, lab, sp, p = S.make_sample({**EASY, "tissue": "full", "cell_diameter_vox": 30.0, "anisotropy": 1.0},
+                                    4, shape=(48, 112, 112))
+    d, info = estimate_cell_diameter(img, sp, return_details=True)
+    assert info["downscale"] == 2
+    assert abs(d / p["median_diameter_um"] - 1) < 0.25

@@ -119,6 +119,10 @@ def _flows(self, imgs, what="flows"):
 
 
 def _labels_out(img, labels):
+    if img.meta.get("no_cells"):
+        # EstimateCellDiameter found no tissue upstream (ResampleToModelScale then passes a small
+        # placeholder): whatever the network made of it, there are no cells
+        labels = np.zeros_like(labels)
     return img.derive(labels, is_label=True, channel_name=None, dtype=str(labels.dtype))
 
 

@@ -23,6 +23,9 @@ log = logging.getLogger("c3dseg")
 #: a cell-diameter estimate differing from the given CellDiameterUm by more than this factor warns
 DISAGREEMENT = 2.0
 
+#: edge (voxels) of the all-zero stand-in passed downstream for an image without cells
+PLACEHOLDER_SIZE = 16
+
 
 def model_cell_diameter_voxels(model_path: str, explicit: float = 0.0) -> float:
     """The cell diameter (voxels) a model was trained at: ``explicit`` when > 0, else its metadata."""
@@ -51,6 +54,13 @@ def model_spacing(cell_diameter_um: float, model_diameter_vox: float) -> tuple[f
 
 @register
 class ResampleToModelScale(Filter):
+    """The cell diameter comes from ``CellDiameterUm`` (> 0), else the upstream estimate (meta
+    ``cell_diameter_um``), else an estimate made here.  A given diameter is checked against an
+    upstream estimate (warning past :data:`DISAGREEMENT`x); no estimate is made here for that.  An
+    image without cells (meta ``no_cells`` from EstimateCellDiameter, or no estimate possible here)
+    becomes a small all-zero stand-in (:data:`PLACEHOLDER_SIZE` voxels a side, meta ``no_cells``)
+    whatever ``CellDiameterUm`` says: the network costs nothing and the labels come out empty."""
+
     name = "ResampleToModelScale"
     description = ("Resamples an image to the scale the network was trained at: isotropic, with cells of the "
                    "model's training diameter in voxels (from CellDiameterUm, or the estimate of an upstream "
@@ -76,15 +86,24 @@ class ResampleToModelScale(Filter):
         img = images[0]
         diameter = self.p["CellDiameterUm"]
         estimated = img.meta.get("cell_diameter_um")
-        if diameter <= 0:
-            if estimated is None:
-                from ..diameter import estimate_cell_diameter
+        no_cells = bool(img.meta.get("no_cells"))
+        if diameter <= 0 and estimated is None:
+            from ..diameter import estimate_cell_diameter
 
-                estimated = float(estimate_cell_diameter(img.data if img.data.ndim == 3 else img.data[0],
-                                                         img.spacing))
+            estimated = float(estimate_cell_diameter(img.data if img.data.ndim == 3 else img.data[0],
+                                                     img.spacing))
+            no_cells = not math.isfinite(estimated)
+            if no_cells:
+                log.warning("%s: no cells found (no tissue: constant or noise-only image); the segmentation "
+                            "will be empty", img.basename)
+            else:
                 log.info("%s: estimated median cell diameter %.2f um", img.basename, estimated)
+        if no_cells:
+            return [self._placeholder(img)], []
+        if diameter <= 0:
             diameter = float(estimated)
-        elif estimated is not None and not (1 / DISAGREEMENT <= diameter / float(estimated) <= DISAGREEMENT):
+        elif (estimated is not None and math.isfinite(float(estimated))
+              and not (1 / DISAGREEMENT <= diameter / float(estimated) <= DISAGREEMENT)):
             log.warning("%s: CellDiameterUm=%.3g um disagrees with the estimate from the image (%.3g um) by more "
                         "than %gx; check the value and the image's spacing", img.basename, diameter,
                         float(estimated), DISAGREEMENT)
@@ -105,3 +124,15 @@ class ResampleToModelScale(Filter):
         out = img.derive(data, cell_diameter_um=diameter, input_shape=img.shape3d, input_spacing=img.spacing)
         out.spacing = tuple(spacing)
         return [out], []
+
+    @staticmethod
+    def _placeholder(img):
+        """For an image without cells: a small all-zero image over the same extent (meta ``no_cells``), so
+        the network and reconstruction downstream cost next to nothing and the label filters return zeros."""
+        shape = tuple(min(int(n), PLACEHOLDER_SIZE) for n in img.shape3d)
+        spacing = tuple(float(s) * n / m for s, n, m in zip(img.spacing, img.shape3d, shape))
+        data = np.zeros(img.data.shape[:-3] + shape, np.float32)
+        out = img.derive(data, cell_diameter_um=float("nan"), no_cells=True, input_shape=img.shape3d,
+                         input_spacing=img.spacing)
+        out.spacing = spacing
+        return out

@@ -31,6 +31,10 @@ def _channel(img, channel):
 
 @register
 class EstimateCellDiameter(Filter):
+    """:func:`c3dseg.diameter.estimate_cell_diameter` as a filter.  A stack without cells (constant or
+    noise only) gets ``cell_diameter_um`` NaN, meta ``no_cells`` and one warning; ResampleToModelScale
+    then passes a small all-zero stand-in and the label filters downstream return empty labels."""
+
     name = "EstimateCellDiameter"
     description = ("Estimates the median cell diameter (um) of a membrane-stained stack from the image alone "
                    "and passes the image on unchanged with meta 'cell_diameter_um' set (read by "
@@ -51,14 +55,15 @@ class EstimateCellDiameter(Filter):
         d, info = estimate_cell_diameter(data, img.spacing, max_voxels=self.p["MaxVoxels"],
                                          return_details=True)
         regions = info["passes"][-1][2] if info["passes"] else 0
-        if not math.isfinite(d):
-            log.warning("%s: no cells found to measure the cell diameter (empty or featureless image)",
-                        img.basename)
+        empty = not math.isfinite(d)
+        if empty:
+            log.warning("%s: no cells found (no tissue: constant or noise-only image); the segmentation "
+                        "will be empty", img.basename)
         else:
             log.info("%s: estimated median cell diameter %.3g um (%d regions)", img.basename, d, regions)
         table = MetaTable(["cell_diameter_um", "regions", "block_voxels"],
                           [[float(d), int(regions), int(np.prod(info["block_shape"]))]])
-        return [img.derive(img.data, cell_diameter_um=float(d))], [table]
+        return [img.derive(img.data, cell_diameter_um=float(d), no_cells=empty)], [table]
 
 
 @register
