@@ -76,9 +76,14 @@ class Output:
 
 class Env:
     """What a global filter implementation may use: the runtime (passes), the grid, the volume's
-    spacing, materialisation of lazy values and one-block probes."""
+    spacing, materialisation of lazy values and one-block probes.
 
-    def __init__(self, rt: Runtime, spacing, base_dir: str, pipeline_name: str):
+    A run may change its voxel grid (resampling steps): ``rt``, ``grid``, ``shape`` and
+    ``spacing`` are those of the *current* grid, which the executor sets to the grid of each
+    step's inputs before the step runs (:meth:`use`); every grid is cut with the same block size.
+    """
+
+    def __init__(self, rt: Runtime, spacing, base_dir: str, pipeline_name: str, block=None):
         self.rt = rt
         self.grid = rt.grid
         self.shape = rt.grid.shape
@@ -86,6 +91,64 @@ class Env:
         self.base_dir = base_dir
         self.pipeline_name = pipeline_name
         self.plan = None                      # the runner's plan (set by run_blockwise)
+        self.bp: BlockPlan | None = None      # the block plan for the readers' spacing (set by run_blockwise)
+        self.block = as_triple(block if block is not None else rt.grid.block, "block")
+        self._runtimes = {tuple(self.shape): rt}
+        self._plans: dict[tuple, BlockPlan] = {}
+        self._stored: dict[int, tuple] = {}   # id(lazy value) -> (value, its stored copy)
+
+    def stored_copy(self, value):
+        """The stored copy of ``value`` when one was materialised already, else ``value``."""
+        hit = self._stored.get(id(value))
+        return hit[1] if hit is not None and hit[0] is value else value
+
+    def block_plan(self) -> BlockPlan | None:
+        """The block plan with the halos of the current grid's spacing (physical halos, e.g. a
+        Gaussian's, span another number of voxels on a resampled grid)."""
+        if self.plan is None:
+            return self.bp
+        key = tuple(round(float(s), 12) for s in self.spacing)
+        if key not in self._plans:
+            self._plans[key] = plan_blocks(self.plan, self.spacing)
+        return self._plans[key]
+
+    # -- grids ---------------------------------------------------------------------------------
+    def use(self, shape, spacing=None) -> None:
+        """Make the grid of ``shape`` (Z, Y, X) the current one (created on first use)."""
+        shape = as_triple(shape, "shape")
+        rt = self._runtimes.get(shape)
+        if rt is None:
+            first = next(iter(self._runtimes.values()))
+            rt = Runtime(first.client, BlockGrid(shape, self.block), first.work_dir, progress=first.progress,
+                         retries=first.retries)
+            rt.stats = first.stats            # one table of passes for the whole run
+            self._runtimes[shape] = rt
+        self.rt, self.grid, self.shape = rt, rt.grid, shape
+        if spacing is not None:
+            self.spacing = tuple(float(s) for s in spacing)
+
+    def use_value(self, value) -> None:
+        """Make the grid ``value`` lives on the current one."""
+        from .values import leaves
+
+        lv = leaves(value)
+        if lv:
+            self.use(lv[0].shape3d, getattr(value, "spacing", None))
+
+    def enter_grid(self, shape, spacing, item_id: str) -> None:
+        """Switch to the output grid of resampling step ``item_id``, after checking that the block
+        size covers the context the passes on that grid read (the error names the smallest
+        valid size)."""
+        self.use(shape, spacing)
+        bp = self.block_plan()
+        if bp is not None:
+            seg = bp.segments.get(item_id, 0)
+            check_block(bp, self.block, shape, self.pipeline_name, segment=seg,
+                        where=f"on the grid {item_id} resamples to ({','.join(map(str, shape))} voxels)")
+
+    @property
+    def grids(self) -> dict:
+        return {s: rt.grid for s, rt in self._runtimes.items()}
 
     # -- lazy values ---------------------------------------------------------------------------
     def probe(self, values) -> list[tuple[np.dtype, tuple]]:
@@ -103,8 +166,8 @@ class Env:
         """Stored copies of several values in one pass (outputs of one node are computed once)."""
         from .components import create_block_array
 
-        todo = [(k, v, n) for k, (v, n) in enumerate(zip(values, names)) if not isinstance(v, Stored)]
-        out = list(values)
+        out = [self.stored_copy(v) for v in values]       # stored once per run (e.g. network outputs)
+        todo = [(k, v, n) for k, (v, n) in enumerate(zip(out, names)) if not isinstance(v, Stored)]
         if not todo:
             return out
         infos = self.probe([v for _, v, _ in todo])
@@ -119,6 +182,8 @@ class Env:
         label = todo[0][2] if len(todo) == 1 else f"{todo[0][2]}+{len(todo) - 1}"
         self.rt.run_pass(f"write-{label}", block_task, [v for _, v, _ in todo], paths, self.shape, dts,
                          collect=False, desc=f"{label}: write blocks")
+        for k, v, _ in todo:
+            self._stored[id(v)] = (v, out[k])
         return out
 
     def node(self, op: str, inputs: list, *, halo=(0, 0, 0), func=None, kwargs=None, filter_name="",
@@ -278,8 +343,10 @@ def run_blockwise(plan, inputs: dict[int, str], target, opts: BlockwiseOptions) 
         log.info("blockwise: volume %s, blocks %s (%d), halo %s, %s", shape, grid.block, len(grid), bp.needed,
                  "resuming" if mode == "resume" else "starting")
         rt = Runtime(client, grid, work_dir, progress=opts.progress, retries=opts.retries)
-        env = Env(rt, spacing, plan.pipeline.base_dir, file)
+        env = Env(rt, spacing, plan.pipeline.base_dir, file, block=block)
         env.plan = plan
+        env.bp = bp
+        env._plans[tuple(round(float(s), 12) for s in spacing)] = bp
         written = _walk(plan, bp, env, sources, outputs, opts, target)
         if opts.report_memory or log.isEnabledFor(logging.INFO):
             try:
@@ -292,6 +359,7 @@ def run_blockwise(plan, inputs: dict[int, str], target, opts: BlockwiseOptions) 
         opts.stats["passes"] = dict(rt.stats)
         opts.stats["seconds"] = time.perf_counter() - t0
         opts.stats["grid"] = {"shape": shape, "block": grid.block, "blocks": len(grid), "halo": bp.needed}
+        opts.stats["grids"] = [{"shape": s, "block": g.block, "blocks": len(g)} for s, g in env.grids.items()]
         if not opts.keep_work:
             shutil.rmtree(work_dir, ignore_errors=True)
         return written
@@ -361,6 +429,15 @@ def _walk(plan, bp: BlockPlan, env: Env, sources, outputs: list[Output], opts, t
         n_img = len(step.cls.ports("output", "image"))
         try:
             if info.mode == "reader":
+                env.use(sources[it.item_id].shape3d, sources[it.item_id].spacing)
+            elif info.mode in ("global", "resample"):
+                # values stored by an earlier step (network outputs) are read, not recomputed
+                imgs = [env.stored_copy(v) if v is not None else v for v in imgs]
+                _use_input_grid(env, imgs, info.mode)
+                imgs = _store_expensive(env, it.item_id, imgs)
+            else:
+                _use_input_grid(env, imgs, info.mode)
+            if info.mode == "reader":
                 outs, out_metas = [_reader_value(step, sources[it.item_id], env)], []
             elif info.mode == "writer":
                 outs, out_metas = [], []
@@ -368,7 +445,8 @@ def _walk(plan, bp: BlockPlan, env: Env, sources, outputs: list[Output], opts, t
                     if o.kind == "writer":
                         finals.append((o, imgs[0]))
             elif info.mode in ("pointwise", "local"):
-                outs = env.node("filter", imgs, halo=info.halo, filter_name=it.name, params=step.params,
+                halo = env.block_plan().steps[it.item_id].halo      # in voxels of the current grid
+                outs = env.node("filter", imgs, halo=halo, filter_name=it.name, params=step.params,
                                 item_id=it.item_id, meta={"is_label": False}, n_outputs=n_img)
                 out_metas = []
             else:
@@ -395,11 +473,46 @@ def _walk(plan, bp: BlockPlan, env: Env, sources, outputs: list[Output], opts, t
         if v is None:
             continue
         try:
+            env.use_value(v)
             _write_output(env, o, v, opts, target)
         except C3DError as e:
             raise e.located(file=plan.pipeline.name, item=o.item_id)
         written.append(o)
     return written
+
+
+def _use_input_grid(env: Env, imgs: list, mode: str) -> None:
+    """Switch ``env`` to the grid of a step's image inputs; inputs on different grids are refused
+    (except by resampling steps, whose reference input may lie on another grid)."""
+    from .values import leaves
+
+    vals = [v for v in imgs if v is not None and not isinstance(v, str) and leaves(v)]
+    if not vals:
+        return
+    if mode != "resample":
+        shapes = {tuple(leaves(v)[0].shape3d) for v in vals}
+        if len(shapes) > 1:
+            raise PipelineError("its input images lie on different voxel grids (" +
+                                ", ".join(",".join(map(str, s)) for s in sorted(shapes)) +
+                                "); resample one onto the other's grid first (ResampleImageFilter with a reference)")
+    env.use_value(vals[0])
+
+
+def _store_expensive(env: Env, item_id: str, imgs: list) -> list:
+    """Inputs of a global step whose chain holds an expensive node (a network) are stored first, all
+    in one pass (the network runs once per block for all of them), so that this step and later ones
+    read them instead of predicting again per pass."""
+    from .reconstruction import _cheap
+
+    todo, seen = [], set()
+    for v in imgs:
+        if isinstance(v, Derived) and id(v) not in seen and not _cheap(v):
+            seen.add(id(v))
+            todo.append(v)
+    if not todo:
+        return imgs
+    env.materialise_all(todo, [f"{item_id}-in{k + 1}" for k in range(len(todo))])
+    return [env.stored_copy(v) if v is not None else v for v in imgs]
 
 
 def _reader_value(step, src: Stored, env: Env):

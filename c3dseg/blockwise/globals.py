@@ -18,6 +18,10 @@ TorchModel / OnnxModel               input percentiles as above -> the model wit
 VolumeBasedRegionRejectionFilter     connected components across blocks (exact, numbered as
                                      ``ndimage.label``) or label volumes -> keep table; exact
 flow tracking / instance filters     :mod:`c3dseg.blockwise.reconstruction`
+EstimateCellDiameter                 the same estimate on the same central box, read lazily
+ResampleToModelScale /               ``blockwise = "resample"``: output grid from parameters and
+ResampleImageFilter                  metadata, written block by block on it
+                                     (:mod:`c3dseg.blockwise.resample`); exact
 ===================================  ======================================================
 """
 
@@ -431,3 +435,4 @@ def _cc_region(region, *, comps, grid, dtype, labels):
 
 
 from . import reconstruction as _reconstruction  # noqa: E402,F401  (registers the tracking filters)
+from . import resample as _resample  # noqa: E402,F401  (registers the grid-changing filters)

@@ -126,8 +126,10 @@ class Filter:  # noqa: D101 - documented below
     is_writer: ClassVar[bool] = False
     #: How the filter can be cut into blocks for volumes larger than memory (issue: Dask runner):
     #: "pointwise" (each voxel alone), "local" (needs a halo: see :meth:`halo`), "global" (needs a
-    #: reduction across blocks; the filter provides its own blockwise implementation), or None
-    #: (cannot be cut: the blockwise runner refuses the pipeline with a clear message).
+    #: reduction across blocks; the filter provides its own blockwise implementation), "resample"
+    #: (changes the voxel grid: its blockwise implementation works out the output grid and writes
+    #: it block by block; downstream steps run on that grid), or None (cannot be cut: the
+    #: blockwise runner refuses the pipeline with a clear message).
     blockwise: ClassVar[str | None] = None
 
     def __init__(self, params: dict[str, Any] | None = None, context: Context | None = None):

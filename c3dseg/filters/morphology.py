@@ -101,6 +101,8 @@ class ResampleImageFilter(Filter):
     description = ("Resamples an image to a target spacing, by factors, or onto the grid of a "
                    "reference image (input 2); nearest neighbour for labels.")
     category = "ImageFilter"
+    #: changes the voxel grid; blockwise form (output grid, then block by block): c3dseg.blockwise.resample
+    blockwise = "resample"
     inputs = (Port("image", "image", "Image to resample"),
               Port("image", "reference", "Optional reference image: resample onto its grid",
                    optional=True))

@@ -66,6 +66,8 @@ class ResampleToModelScale(Filter):
                    "model's training diameter in voxels (from CellDiameterUm, or the estimate of an upstream "
                    "EstimateCellDiameter filter, or an estimate made here).")
     category = "ImageFilter"
+    #: changes the voxel grid; blockwise form (output grid, then block by block): c3dseg.blockwise.resample
+    blockwise = "resample"
     inputs = (Port("image", "image", "Input image (any spacing)"),)
     outputs = (Port("image", "resampled", "The image on the model's grid (float32)"),)
     params = (

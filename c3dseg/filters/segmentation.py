@@ -40,6 +40,8 @@ class EstimateCellDiameter(Filter):
                    "and passes the image on unchanged with meta 'cell_diameter_um' set (read by "
                    "ResampleToModelScale and SeededWatershed).")
     category = "ImageFilter"
+    #: the same estimate on the same central box, read lazily: c3dseg.blockwise.resample
+    blockwise = "global"
     inputs = (Port("image", "image", "Membrane image (ZYX, or CZYX with Channel)"),)
     outputs = (Port("image", "image", "The input image, unchanged, with meta cell_diameter_um"),
                Port("meta", "diameter", "One row: cell_diameter_um, regions, block voxels"))

@@ -1,0 +1,256 @@
+"""Blockwise forms of the steps that change the voxel grid, and of the cell-diameter estimate.
+
+``ResampleToModelScale`` and ``ResampleImageFilter`` declare ``blockwise = "resample"``.  Their
+output grid (shape and spacing) is worked out in the client from the parameters and metadata,
+exactly as the whole-image filters do (the model's training diameter and the cell diameter for
+``ResampleToModelScale``, the reference input's grid or the spacing/factors for
+``ResampleImageFilter``).  The output is then written, block by block *of the output grid*, into
+a zarr array in the run's work folder: each output block reads only the input box its voxels map
+to (plus the interpolation neighbour: one voxel for linear, none for nearest), through
+:func:`c3dseg.resampling.source_box` and :func:`c3dseg.resampling.resample_box`, the very code
+the whole-volume :func:`c3dseg.resampling.resample` runs, so both give identical voxel values.
+Steps downstream run on the new grid, cut into blocks of the same ``--blocks`` size (a block of
+the later grid holds as many voxels as one of the input grid: worker memory stays set by the
+block size whatever the zoom; an output block whose input box would be much larger, when
+downsampling, is computed in z-slabs of about one block of input each).
+
+``EstimateCellDiameter`` measures a central box of at most ``MaxVoxels`` voxels anyway: its
+blockwise form reads that box (one task) and runs the same estimate on it, then passes its input
+on with meta ``cell_diameter_um``, which ``ResampleToModelScale`` (and filters run per block) read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+
+import numpy as np
+
+from ..errors import InputError
+from ..image import MetaTable
+from ..resampling import _out_dtype, output_shape, resample_box, source_box
+from .globals import register_global
+from .values import Derived, Stored, evaluate, leaves
+
+log = logging.getLogger("c3dseg")
+
+
+def shape_of(value) -> tuple[int, int, int]:
+    """(Z, Y, X) of the grid a lazy value lives on."""
+    return tuple(leaves(value)[0].shape3d)
+
+
+def with_meta(value, **updates):
+    """The same lazy value with its metadata updated (no new computation)."""
+    meta = dict(value.meta)
+    meta.update(updates)
+    if isinstance(value, Derived):
+        return Derived(value.node, value.output, value.spacing, meta)
+    return dataclasses.replace(value, meta=meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# cell diameter
+# ---------------------------------------------------------------------------------------------
+
+def central_box(shape, max_voxels: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The box ``[lo, hi)`` :func:`c3dseg.diameter.estimate_cell_diameter` measures in a volume of
+    ``shape`` (its own choice of the central block, applied to index arrays that cost no memory)."""
+    from ..diameter import _central_block
+
+    shape = tuple(int(s) for s in shape)
+    lo, hi = [], []
+    for a in range(3):
+        idx = np.arange(shape[a]).reshape([-1 if k == a else 1 for k in range(3)])
+        view = _central_block(np.broadcast_to(idx, shape), int(max_voxels))
+        line = np.asarray(view[tuple(slice(None) if k == a else 0 for k in range(3))])
+        lo.append(int(line[0]))
+        hi.append(int(line[-1]) + 1)
+    return tuple(lo), tuple(hi)
+
+
+def _diameter_task(value, lo, hi, shape, channel, spacing, max_voxels):
+    """Worker side: the estimate on the central box (the very array the whole-image filter measures)."""
+    from ..diameter import estimate_cell_diameter
+
+    data = evaluate([value], lo, hi, shape)[0]
+    if data.ndim == 4:
+        if not 0 <= channel < data.shape[0]:
+            raise InputError(f"channel {channel} does not exist ({data.shape[0]} channels)", key="Channel")
+        data = data[channel]
+    d, info = estimate_cell_diameter(data, spacing, max_voxels=max_voxels, return_details=True)
+    regions = info["passes"][-1][2] if info["passes"] else 0
+    return float(d), int(regions), [int(n) for n in info["block_shape"]]
+
+
+def estimate_diameter(env, value, *, channel: int = 0, max_voxels: int | None = None, name: str = "diameter"):
+    """``(diameter_um, regions, block_shape)`` of :func:`c3dseg.diameter.estimate_cell_diameter` on
+    the whole image, computed from its central box only (kept in the work folder for a resumed run)."""
+    from ..diameter import estimate_cell_diameter
+
+    if max_voxels is None:
+        max_voxels = (estimate_cell_diameter.__kwdefaults__ or {}).get("max_voxels", 4_000_000)
+    shape = shape_of(value)
+    lo, hi = central_box(shape, max_voxels)
+    record = env.rt.path("tables", f"{name}.json")
+    if os.path.isfile(record):
+        with open(record) as f:
+            d, regions, block_shape = json.load(f)
+        return (float("nan") if d is None else float(d)), int(regions), tuple(block_shape)
+    d, regions, block_shape = env.rt.gather_small(_diameter_task, value, lo, hi, shape, int(channel),
+                                                  tuple(value.spacing), int(max_voxels))
+    with open(record, "w") as f:
+        json.dump([d if math.isfinite(d) else None, regions, block_shape], f)
+    return d, regions, tuple(block_shape)
+
+
+@register_global("EstimateCellDiameter")
+def _estimate_cell_diameter(env, step, images, metas):
+    v = images[0]
+    p = step.params
+    item = step.item.item_id
+    name = v.meta.get("basename", item)
+    d, regions, block_shape = estimate_diameter(env, v, channel=p["Channel"], max_voxels=p["MaxVoxels"],
+                                                name=f"{item}-diameter")
+    if not math.isfinite(d):
+        log.warning("%s: no cells found to measure the cell diameter (empty or featureless image)", name)
+    else:
+        log.info("%s: estimated median cell diameter %.3g um (%d regions)", name, d, regions)
+    table = MetaTable(["cell_diameter_um", "regions", "block_voxels"],
+                      [[float(d), int(regions), int(np.prod(block_shape))]])
+    return [with_meta(v, cell_diameter_um=float(d))], [table]
+
+
+# ---------------------------------------------------------------------------------------------
+# resampling
+# ---------------------------------------------------------------------------------------------
+
+def resample_block(block, value, in_shape, out_shape, order: int, path: str, dtype: str, cast, budget: int):
+    """Dask task: the block (of the output grid) of resampling ``value``, written into ``path``.
+
+    The input box the block maps to is read (evaluated) in z-slabs of about ``budget`` voxels."""
+    import zarr
+
+    lo, hi = block.start, block.stop
+    (_, ya, xa), (_, yb, xb) = source_box(in_shape, out_shape, lo, hi, order)
+    plane = max(1, (yb - ya) * (xb - xa))
+    per_out_plane = plane * max(1.0, in_shape[0] / out_shape[0])
+    k = max(1, int(budget // per_out_plane))
+    parts = []
+    for z0 in range(lo[0], hi[0], k):
+        z1 = min(hi[0], z0 + k)
+        olo, ohi = (z0, lo[1], lo[2]), (z1, hi[1], hi[2])
+        slo, shi = source_box(in_shape, out_shape, olo, ohi, order)
+        src = evaluate([value], slo, shi, in_shape)[0]
+        if cast is not None:
+            src = np.asarray(src, dtype=cast)
+        parts.append(resample_box(src, slo, in_shape, out_shape, olo, ohi, order))
+        del src
+    data = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-3)
+    arr = zarr.open_array(path, mode="r+")
+    key = block.core if data.ndim == 3 else (slice(None),) + block.core
+    arr[key] = data.astype(dtype, copy=False)
+    return None
+
+
+def resample_value(env, value, out_shape, order: int, spacing, meta: dict, item_id: str, *, cast=None):
+    """A stored copy of ``value`` resampled onto ``out_shape`` voxels (same extent) with
+    interpolation ``order`` (0 nearest, 1 linear), on the output grid; ``env`` is left on that grid.
+
+    ``cast``: dtype the input is converted to first (as the whole-image filter does)."""
+    from .components import create_block_array
+
+    in_shape = shape_of(value)
+    (dt, lead), = env.probe([value])
+    out_dt = _out_dtype(np.dtype(cast) if cast is not None else dt)
+    channels = lead[0] if lead else None
+    budget = int(np.prod(env.block))
+    env.enter_grid(tuple(out_shape), spacing, item_id)
+    name = f"{item_id}-resample"
+    path = env.rt.path("arrays", f"{name}.zarr")
+    create_block_array(path, env.grid, out_dt, channels)
+    log.info("%s: resampling %s -> %s voxels (%s) blockwise", item_id, in_shape, tuple(out_shape),
+             "nearest" if order == 0 else "linear")
+    env.rt.run_pass(name, resample_block, value, tuple(in_shape), tuple(out_shape), int(order), path, out_dt.str,
+                    None if cast is None else np.dtype(cast).str, budget, collect=False,
+                    desc=f"{item_id}: resample")
+    meta = {k: v for k, v in meta.items() if k not in ("dtype_fixed", "lead")}
+    return Stored(path, "array", tuple(out_shape), out_dt.str, channels, tuple(spacing), meta)
+
+
+def _spacing_after(spacing, in_shape, out_shape):
+    """The output spacing of :func:`c3dseg.resampling.resample` (same physical extent)."""
+    return tuple(float(s) * n / m for s, n, m in zip(spacing, in_shape, out_shape))
+
+
+@register_global("ResampleToModelScale")
+def _to_model_scale(env, step, images, metas):
+    """The grid of :class:`~c3dseg.filters.scale.ResampleToModelScale` (diameter from the parameter,
+    the upstream estimate, or one made here; the model's training diameter), then linear
+    resampling of the float32 input block by block."""
+    from ..filters.base import Context
+    from ..filters.scale import DISAGREEMENT, model_cell_diameter_voxels, model_spacing
+
+    v = images[0]
+    p = step.params
+    item = step.item.item_id
+    flt = step.cls(step.params, Context(item_id=item, base_dir=env.base_dir))
+    name = v.meta.get("basename", item)
+    in_shape = shape_of(v)
+    diameter = p["CellDiameterUm"]
+    estimated = v.meta.get("cell_diameter_um")
+    if diameter <= 0:
+        if estimated is None:
+            estimated, _, _ = estimate_diameter(env, v, channel=0, name=f"{item}-diameter")
+            log.info("%s: estimated median cell diameter %.2f um", name, estimated)
+        diameter = float(estimated)
+    elif estimated is not None and not (1 / DISAGREEMENT <= diameter / float(estimated) <= DISAGREEMENT):
+        log.warning("%s: CellDiameterUm=%.3g um disagrees with the estimate from the image (%.3g um) by more "
+                    "than %gx; check the value and the image's spacing", name, diameter, float(estimated),
+                    DISAGREEMENT)
+    if not math.isfinite(diameter) or diameter <= 0:
+        raise InputError(f"no usable cell diameter for {name}; set CellDiameterUm", key="CellDiameterUm")
+    d_vox = model_cell_diameter_voxels(flt.resolve_path(p["ModelPath"]), p["ModelCellDiameterVoxels"])
+    target = model_spacing(diameter, d_vox)
+    factors = [s / t for s, t in zip(v.spacing, target)]
+    if max(factors) > p["MaxUpsampling"]:
+        raise InputError(f"{name}: cells of {diameter:.3g} um at spacing {tuple(v.spacing)} um need a zoom of "
+                         f"{max(factors):.2f}x (> MaxUpsampling {p['MaxUpsampling']:g}); check CellDiameterUm "
+                         "and the image's spacing", key="CellDiameterUm")
+    shape = output_shape(in_shape, v.spacing, new_spacing=target)
+    spacing = _spacing_after(v.spacing, in_shape, shape)
+    log.info("%s: %s at %s um -> %s at %.3g um (cells %.3g um = %.3g voxels)", name, in_shape,
+             tuple(round(s, 4) for s in v.spacing), shape, target[0], diameter, d_vox)
+    meta = dict(v.meta, cell_diameter_um=diameter, input_shape=in_shape, input_spacing=tuple(v.spacing))
+    out = resample_value(env, v, shape, 1, spacing, meta, item, cast=np.float32)
+    return [out], []
+
+
+@register_global("ResampleImageFilter")
+def _resample_image(env, step, images, metas):
+    """The grid of :class:`~c3dseg.filters.morphology.ResampleImageFilter` (the reference input's,
+    or from the spacing/factors), then nearest or linear resampling block by block."""
+    img = images[0]
+    ref = images[1] if len(images) > 1 else None
+    p = step.params
+    in_shape = shape_of(img)
+    if ref is not None:
+        shape = shape_of(ref)
+    else:
+        spacing = (p["SpacingZ"], p["SpacingY"], p["SpacingX"])
+        factors = (p["FactorZ"], p["FactorY"], p["FactorX"])
+        if any(f > 0 for f in factors):
+            shape = output_shape(in_shape, img.spacing, factors=factors)
+        else:
+            shape = output_shape(in_shape, img.spacing, new_spacing=spacing)
+    mode = p["Interpolation"]
+    if mode == "auto":
+        (dt, _), = env.probe([img])
+        mode = "nearest" if (img.meta.get("is_label") or dt.kind in "iub") else "linear"
+    spacing = tuple(ref.spacing) if ref is not None else _spacing_after(img.spacing, in_shape, shape)
+    out = resample_value(env, img, shape, 0 if mode == "nearest" else 1, spacing, dict(img.meta),
+                         step.item.item_id)
+    return [out], []
