@@ -233,3 +233,17 @@ def test_segment_pipeline_blockwise_equals_whole(tmp_path, client, stack):
     assert ap[0] >= 0.99 and mean_cell_dice(whole, res) >= 0.99
     with pytest.raises(PipelineError, match=r"on the grid item_0003 resamples to .* smallest valid block size is "):
         _blockwise(pipe, {0: path}, str(tmp_path / "small.ome.zarr"), client, (8, 48, 48))
+
+
+def test_segment_pipeline_empty_stack_blockwise(tmp_path, client):
+    """A stack without cells: the estimate says so, ResampleToModelScale's stand-in is used and the
+    labels come back empty, as in the whole-volume run."""
+    pytest.importorskip("onnxruntime")
+    from c3dseg.io import write_image
+
+    src = str(tmp_path / "const.tif")
+    write_image(src, Image(np.full((16, 32, 32), 100, np.uint16), (1.0, 0.5, 0.5)))
+    vol, opts = _blockwise(_small_segment(tmp_path), {0: src}, str(tmp_path / "bw.ome.zarr"), client, (16, 16, 16))
+    res = vol.read()
+    assert res.shape == (16, 32, 32) and res.max() == 0
+    assert (16, 16, 16) in [g["shape"] for g in opts.stats["grids"]]        # the stand-in's grid

@@ -115,13 +115,15 @@ def _estimate_cell_diameter(env, step, images, metas):
     name = v.meta.get("basename", item)
     d, regions, block_shape = estimate_diameter(env, v, channel=p["Channel"], max_voxels=p["MaxVoxels"],
                                                 name=f"{item}-diameter")
-    if not math.isfinite(d):
-        log.warning("%s: no cells found to measure the cell diameter (empty or featureless image)", name)
+    empty = not math.isfinite(d)
+    if empty:
+        log.warning("%s: no cells found (no tissue: constant or noise-only image); the segmentation "
+                    "will be empty", name)
     else:
         log.info("%s: estimated median cell diameter %.3g um (%d regions)", name, d, regions)
     table = MetaTable(["cell_diameter_um", "regions", "block_voxels"],
                       [[float(d), int(regions), int(np.prod(block_shape))]])
-    return [with_meta(v, cell_diameter_um=float(d))], [table]
+    return [with_meta(v, cell_diameter_um=float(d), no_cells=empty)], [table]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,12 +204,21 @@ def _to_model_scale(env, step, images, metas):
     in_shape = shape_of(v)
     diameter = p["CellDiameterUm"]
     estimated = v.meta.get("cell_diameter_um")
-    if diameter <= 0:
-        if estimated is None:
-            estimated, _, _ = estimate_diameter(env, v, channel=0, name=f"{item}-diameter")
+    no_cells = bool(v.meta.get("no_cells"))
+    if diameter <= 0 and estimated is None:
+        estimated, _, _ = estimate_diameter(env, v, channel=0, name=f"{item}-diameter")
+        no_cells = not math.isfinite(estimated)
+        if no_cells:
+            log.warning("%s: no cells found (no tissue: constant or noise-only image); the segmentation "
+                        "will be empty", name)
+        else:
             log.info("%s: estimated median cell diameter %.2f um", name, estimated)
+    if no_cells:
+        return [_placeholder(env, v, item)], []
+    if diameter <= 0:
         diameter = float(estimated)
-    elif estimated is not None and not (1 / DISAGREEMENT <= diameter / float(estimated) <= DISAGREEMENT):
+    elif (estimated is not None and math.isfinite(float(estimated))
+          and not (1 / DISAGREEMENT <= diameter / float(estimated) <= DISAGREEMENT)):
         log.warning("%s: CellDiameterUm=%.3g um disagrees with the estimate from the image (%.3g um) by more "
                     "than %gx; check the value and the image's spacing", name, diameter, float(estimated),
                     DISAGREEMENT)
@@ -229,6 +240,26 @@ def _to_model_scale(env, step, images, metas):
     return [out], []
 
 
+def _placeholder(env, v, item_id: str):
+    """ResampleToModelScale's all-zero stand-in for an image without cells (``PLACEHOLDER_SIZE``
+    voxels a side, same extent, meta ``no_cells``), as a stored array on its own grid."""
+    from ..filters.scale import PLACEHOLDER_SIZE
+    from .components import create_block_array
+
+    in_shape = shape_of(v)
+    (_, lead), = env.probe([v])
+    shape = tuple(min(int(n), PLACEHOLDER_SIZE) for n in in_shape)
+    spacing = _spacing_after(v.spacing, in_shape, shape)
+    env.enter_grid(shape, spacing, item_id)
+    path = env.rt.path("arrays", f"{item_id}-placeholder.zarr")
+    channels = lead[0] if lead else None
+    create_block_array(path, env.grid, np.float32, channels)          # zeros (the fill value)
+    env.placeholder_shapes = getattr(env, "placeholder_shapes", set()) | {shape}
+    meta = {k: x for k, x in v.meta.items() if k not in ("dtype_fixed", "lead")}
+    meta.update(cell_diameter_um=float("nan"), no_cells=True, input_shape=in_shape, input_spacing=tuple(v.spacing))
+    return Stored(path, "array", shape, "<f4", channels, spacing, meta)
+
+
 @register_global("ResampleImageFilter")
 def _resample_image(env, step, images, metas):
     """The grid of :class:`~c3dseg.filters.morphology.ResampleImageFilter` (the reference input's,
@@ -247,9 +278,13 @@ def _resample_image(env, step, images, metas):
         else:
             shape = output_shape(in_shape, img.spacing, new_spacing=spacing)
     mode = p["Interpolation"]
+    (dt, _), = env.probe([img])
     if mode == "auto":
-        (dt, _), = env.probe([img])
         mode = "nearest" if (img.meta.get("is_label") or dt.kind in "iub") else "linear"
+    if in_shape in getattr(env, "placeholder_shapes", ()) and (img.meta.get("is_label") or dt.kind in "iu"):
+        # labels made on ResampleToModelScale's stand-in for an image without cells: none (as the
+        # whole-image label filters return)
+        img = env.node("func", [img], func=np.zeros_like, item_id=step.item.item_id, meta=dict(img.meta))[0]
     spacing = tuple(ref.spacing) if ref is not None else _spacing_after(img.spacing, in_shape, shape)
     out = resample_value(env, img, shape, 0 if mode == "nearest" else 1, spacing, dict(img.meta),
                          step.item.item_id)
