@@ -1,13 +1,21 @@
 """Median cell diameter from a membrane image alone.
 
-:func:`estimate_cell_diameter` measures the cells a seeded watershed finds
-(:func:`c3dseg.watershed.seeded_watershed`), in two passes: the first with light smoothing (one
-lateral voxel), the second with the smoothing scaled to the first estimate (``smoothing`` x the
-diameter), so that small cells are not smoothed away and large ones are not split by noise.  Seeds
-are the basins deeper than a multiple of the image's own noise level, which makes the count
+:func:`estimate_cell_diameter` first checks that the stack has structure at all
+(:func:`structure_to_noise`: a constant or noise-only stack has no cells and gives NaN), then
+measures the cells a seeded watershed finds (:func:`c3dseg.watershed.seeded_watershed`) in two
+passes: the first on a central part of :data:`PASS1_VOXELS` voxels with light smoothing (one
+lateral voxel); the second with the smoothing scaled to the first estimate (``smoothing`` x the
+diameter), on the central block downscaled laterally by the integer factor that leaves cells about
+:data:`TARGET_VOXELS` across (large cells: fewer voxels, less noise) and cropped to
+:data:`PASS2_VOXELS` voxels, so the cost is about a second whatever the stack's size.  Seeds are
+the basins deeper than a multiple of the image's own noise level, which makes the count
 insensitive to the signal-to-noise ratio.  The median equivalent-sphere diameter of the interior
 regions, times a calibration factor (the watershed merges cells whose walls it cannot see, so it
 over-estimates slightly and consistently), is the estimate.
+
+Known weakness (``benchmarks/diameter.py``): cells only ~6-9 voxels across, especially with
+coarse z-steps or few photons, are partly merged and over-estimated by up to ~1.5x; a per-slice
+(planar) measurement of the widest sections was tried and was worse.
 
 What was tried and measured (``benchmarks/diameter.py``, validation volumes of ``c3d-synth``):
 the peak of the radially averaged power spectrum / autocorrelation of the membrane image (drowned
