@@ -523,10 +523,28 @@ def _conv_model(path):
     return path
 
 
-def test_network_predictions_identical(tmp_path, client):
+class _CountingNetwork:
+    """Wraps a loaded network and records the first voxel of every tile it predicts (test only)."""
+
+    def __init__(self, net, calls):
+        self._net, self._calls = net, calls
+
+    def __getattr__(self, name):
+        return getattr(self._net, name)
+
+    def __call__(self, batch):
+        for tile in batch:
+            self._calls.append(tile.tobytes())
+        return self._net(batch)
+
+
+@pytest.mark.parametrize("filter_name, block", [("TorchModel", (16, 17, 23)), ("OnnxModel", (15, 20, 44))])
+def test_network_predictions_identical(tmp_path, client, monkeypatch, filter_name, block):
     """Tiled prediction blockwise uses the whole volume's tile plan, normalisation and blending:
-    the four output channels equal the whole-volume ones although blocks and tiles do not align."""
+    the four output channels equal the whole-volume ones although blocks and tiles do not align,
+    and every tile is predicted exactly once (blocks smaller than the tiles; blocks spanning x)."""
     pytest.importorskip("onnx")
+    from c3dseg.blockwise import globals as bglobals
     from c3dseg.io import read_image, write_image
 
     rng = np.random.default_rng(2)
@@ -534,22 +552,33 @@ def test_network_predictions_identical(tmp_path, client):
     src = str(tmp_path / "in.tif")
     write_image(src, Image(vol, (1.0, 1.0, 1.0)))
     model = _conv_model(str(tmp_path / "conv.onnx"))
+    patch = {"ModelPath": model, "UseGPU": 0, "PatchDepth": 16, "PatchHeight": 24, "PatchWidth": 24}
+    if filter_name == "TorchModel":
+        net = [item("item_0002", "TorchModel", [("item_0001", 1)], params=dict(patch, PatchStride=0.75, BatchSize=2),
+                    outputs=(("image", 1), ("image", 2), ("image", 3), ("image", 4)))]
+    else:
+        net = [item("item_0002", "OnnxModel", [("item_0001", 1)], params=dict(patch, PatchOverlap=8)),
+               item("item_0005", "TileMerger", [("item_0002", 1)], params={"Blending": "linear"},
+                    outputs=(("image", 1), ("image", 2), ("image", 3), ("image", 4)))]
+    src_id = "item_0002" if filter_name == "TorchModel" else "item_0005"
     path = _pipeline(
-        tmp_path, "net", item("item_0001", "ImageReader", [("cmd", 0)]),
-        item("item_0002", "TorchModel", [("item_0001", 1)],
-             params={"ModelPath": model, "UseGPU": 0, "PatchDepth": 16, "PatchHeight": 24, "PatchWidth": 24,
-                     "PatchStride": 0.75},
-             outputs=(("image", 1), ("image", 2), ("image", 3), ("image", 4))),
-        item("item_0003", "ChannelMerger", [("item_0002", 1), ("item_0002", 2), ("item_0002", 3), ("item_0002", 4)]),
+        tmp_path, "net", item("item_0001", "ImageReader", [("cmd", 0)]), *net,
+        item("item_0003", "ChannelMerger", [(src_id, 1), (src_id, 2), (src_id, 3), (src_id, 4)]),
         item("item_0004", "ImageWriter", [("item_0003", 1)], outputs=()))
     from c3dseg.runner.executor import RunOptions, Target, execute
 
     execute(_plan(path), {0: src}, Target(str(tmp_path / "whole.tif"), True), RunOptions())
     whole = read_image(str(tmp_path / "whole.tif")).data
-    res, opts = _blockwise(path, {0: src}, str(tmp_path / "net.ome.zarr"), client, block=(16, 17, 23))
+    calls = []
+    real = bglobals._load_network
+    monkeypatch.setattr(bglobals, "_load_network", lambda *a: _CountingNetwork(real(*a), calls))
+    res, opts = _blockwise(path, {0: src}, str(tmp_path / "net.ome.zarr"), client, block=block)
     assert res.shape == whole.shape == (4,) + SHAPE
     assert np.abs(whole).max() > 0.1
     np.testing.assert_array_equal(res, whole)
+    tiles = opts.stats["passes"]["item_0002-tiles"]["tiles"]
+    assert tiles >= 8 and len(calls) == tiles                # each tile of the plan predicted once...
+    assert len(set(calls)) == len(calls)                     # ... and no tile twice
 
 
 def test_feature_groups_bounded():

@@ -13,8 +13,9 @@ filter                               blockwise form
 RescaleIntensityImageFilter          extrema (reduction) -> linear map (pointwise); exact
 PercentileNormalization              the same regular subsample as the whole-image code,
                                      gathered from the blocks -> percentiles -> map; exact
-TorchModel / OnnxModel               input percentiles as above -> the model with
-                                     Normalization=none on each block grown by its halo
+TorchModel / OnnxModel               input percentiles as above -> the whole volume's tiles,
+                                     each predicted once (by the block holding its first
+                                     voxel) -> blended per block; exact
 VolumeBasedRegionRejectionFilter     connected components across blocks (exact, numbered as
                                      ``ndimage.label``) or label volumes -> keep table; exact
 flow tracking / instance filters     :mod:`c3dseg.blockwise.reconstruction`
@@ -28,6 +29,7 @@ ResampleImageFilter                  metadata, written block by block on it
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import numpy as np
@@ -35,6 +37,8 @@ import numpy as np
 from ..errors import ExecutionError, ParameterError
 from ..intensity import rescale_intensity
 from .values import Derived, RegionLeaf, Stored, apply_lut, evaluate
+
+log = logging.getLogger("c3dseg")
 
 GLOBAL_IMPLS: dict = {}
 #: context (z, y, x) the block passes of a global filter read at least, for filters whose class does
@@ -175,25 +179,6 @@ def _percentile_normalisation(env, step, images, metas):
 # networks
 # ---------------------------------------------------------------------------------------------
 
-def network_halo(params: dict, size_divisor: int = 8) -> tuple[int, int, int]:
-    """Context of a tiled network on a block: the tile overlap per axis (at least 16 voxels,
-    rounded up to the network's size divisor), so that the core's voxels are predicted away from
-    the block's artificial edges, as far from tile borders as in the whole-image run."""
-    from ..tiling import stride_to_overlap
-
-    tile = (params.get("PatchDepth", -1), params.get("PatchHeight", -1), params.get("PatchWidth", -1))
-    stride = float(params.get("PatchStride", 0) or 0)
-    out = []
-    for t in tile:
-        if stride > 0 and t and t > 0:
-            ov = stride_to_overlap(int(t), stride)
-        else:
-            ov = int(params.get("PatchOverlap", 16))
-        ov = max(16, ov)
-        out.append(int(math.ceil(ov / size_divisor) * size_divisor))
-    return tuple(out)
-
-
 def _is_torchscript(path: str) -> bool:
     return path.lower().endswith((".pt", ".pth", ".torchscript"))
 
@@ -214,53 +199,109 @@ def _load_network(path: str, use_gpu: bool, in_channels):
     return net
 
 
-def predict_region(region, *, source, plan, blending: str, transform, model: str, use_gpu: bool, in_channels,
-                   batch_size: int, channels: int = 4):
-    """Node function: the tiled prediction over ``region``, exactly as the whole-volume run makes it.
+def tile_number(plan, index) -> int:
+    """Position of the tile at grid ``index`` in the plan's (z-major) order."""
+    gz, gy, gx = plan.grid
+    return (int(index[0]) * gy + int(index[1])) * gx + int(index[2])
 
-    The tiles are those of the *whole-volume* plan that meet the region; each is cut from the
-    input (read per tile, reflect-padded where it leaves the volume, as
-    :func:`c3dseg.tiling.extract_tile` does), normalised with the whole-volume range, predicted,
-    and added with the whole-volume blending weights in the plan's order, so every voxel gets the
-    very sum the whole-volume :class:`~c3dseg.tiling.TileAccumulator` computes.
-    """
-    shape = plan.shape
+
+def owned_tiles(plan, block) -> list:
+    """The tiles a block predicts: those whose first voxel inside the volume lies in its core (every
+    tile has exactly one owner)."""
+    out = []
+    for t in plan.tiles():
+        if all(b0 <= v.start < b1 for v, b0, b1 in zip(t.volume_slices, block.start, block.stop)):
+            out.append(t)
+    return out
+
+
+def create_tile_array(path: str, plan, channels: int):
+    """The work zarr array of raw tile predictions ``(n_tiles, C, Tz, Ty, Tx)``, one chunk per tile;
+    reused when it exists with the same layout (a resumed run)."""
+    import os
+
+    import zarr
+
+    shape = (plan.n_tiles, int(channels)) + tuple(plan.tile)
+    chunks = (1, int(channels)) + tuple(plan.tile)
+    if os.path.exists(os.path.join(path, "zarr.json")):
+        try:
+            a = zarr.open_array(path, mode="r+")
+            if tuple(a.shape) == shape and tuple(a.chunks) == chunks and a.dtype == np.float32:
+                return a
+        except Exception:
+            pass
+    return zarr.create_array(path, shape=shape, chunks=chunks, dtype=np.float32, fill_value=0, overwrite=True,
+                             zarr_format=3)
+
+
+def predict_tiles_task(block, *, source, plan, transform, model: str, use_gpu: bool, in_channels, batch_size: int,
+                       tiles_path: str, channels: int = 4) -> int:
+    """Dask task: predict the tiles ``block`` owns (:func:`owned_tiles`), each exactly once, and store
+    them raw in the tile array.  Each tile is cut from the input as :func:`c3dseg.tiling.extract_tile`
+    cuts it from the whole volume (read per tile, reflect-padded where it leaves the volume) and
+    normalised with the whole-volume range.  Memory: one batch of tiles.  Returns the tile count."""
+    import zarr
+
+    tiles = owned_tiles(plan, block)
+    if not tiles:
+        return 0
     net = _load_network(model, use_gpu, in_channels)
-    weights = _plan_weights(plan, blending)
-    out = np.zeros((channels,) + region.shape, np.float32)
-    tiles = [t for t in plan.tiles()
-             if all(v.start < hi and v.stop > lo for v, lo, hi in zip(t.volume_slices, region.lo, region.hi))]
+    arr = zarr.open_array(tiles_path, mode="r+")
     batch, idx = [], []
 
     def flush():
         preds = np.asarray(net(np.stack(batch)), np.float32)
         for t, p in zip(idx, preds):
-            lo = [max(v.start, r) for v, r in zip(t.volume_slices, region.lo)]
-            hi = [min(v.stop, r) for v, r in zip(t.volume_slices, region.hi)]
-            src = tuple(slice(l_ - st, h_ - st) for l_, h_, st in zip(lo, hi, t.start))
-            dst = tuple(slice(l_ - r, h_ - r) for l_, h_, r in zip(lo, hi, region.lo))
-            wz, wy, wx = (weights[a][t.index[a]][src[a]] for a in range(3))
-            w = wz[:, None, None] * wy[None, :, None] * wx[None, None, :]
-            out[(slice(None),) + dst] += p[(slice(None),) + src][:channels] * w
+            arr[tile_number(plan, t.index)] = p[:channels]
         batch.clear()
         idx.clear()
 
     for t in tiles:
-        part = evaluate([source], [v.start for v in t.volume_slices], [v.stop for v in t.volume_slices], shape)[0]
+        part = evaluate([source], [v.start for v in t.volume_slices], [v.stop for v in t.volume_slices],
+                        plan.shape)[0]
         part = np.asarray(part)
         if part.ndim == 3:
             part = part[None]
         pads = [(0, 0)] + [(v.start - st, st + n - v.stop) for v, st, n in zip(t.volume_slices, t.start, plan.tile)]
         if any(p != (0, 0) for p in pads):
             part = np.pad(part, pads, mode="reflect")
-        part = np.asarray(transform(part) if transform is not None else part, dtype=np.float32)
-        batch.append(part)
+        batch.append(np.asarray(transform(part) if transform is not None else part, dtype=np.float32))
         idx.append(t)
-        if len(batch) == batch_size:
+        if len(batch) == max(1, int(batch_size)):
             flush()
     if batch:
         flush()
-    return [out[c] for c in range(channels)]
+    return len(tiles)
+
+
+def blend_tiles_task(block, *, plan, blending: str, tiles_path: str, out_paths, channels: int = 4) -> None:
+    """Dask task: the blended prediction over the block's core from the stored tiles that meet it,
+    added in the plan's order with the plan's weights: every voxel gets the very sum the
+    whole-volume :class:`~c3dseg.tiling.TileAccumulator` computes.  Memory: the block and the part
+    of one tile inside it."""
+    import zarr
+
+    weights = _plan_weights(plan, blending)
+    tiles = zarr.open_array(tiles_path, mode="r")
+    out = np.zeros((channels,) + block.shape, np.float32)
+    for t in plan.tiles():
+        lo = [max(v.start, b) for v, b in zip(t.volume_slices, block.start)]
+        hi = [min(v.stop, b) for v, b in zip(t.volume_slices, block.stop)]
+        if any(h <= l_ for l_, h in zip(lo, hi)):
+            continue
+        src = tuple(slice(l_ - st, h_ - st) for l_, h_, st in zip(lo, hi, t.start))
+        dst = tuple(slice(l_ - b, h_ - b) for l_, h_, b in zip(lo, hi, block.start))
+        p = np.asarray(tiles[(tile_number(plan, t.index), slice(0, channels)) + src])
+        wz, wy, wx = (weights[a][t.index[a]][src[a]] for a in range(3))
+        w = wz[:, None, None] * wy[None, :, None] * wx[None, None, :]
+        out[(slice(None),) + dst] += p * w
+    if len(out_paths) == 1:
+        zarr.open_array(out_paths[0], mode="r+")[(slice(None),) + block.core] = out
+    else:
+        for c, path in enumerate(out_paths):
+            zarr.open_array(path, mode="r+")[block.core] = out[c]
+    return None
 
 
 _WEIGHTS: dict = {}
@@ -287,10 +328,17 @@ def _consumer_blending(env, item_id: str) -> str:
 
 @register_global("TorchModel", "OnnxModel")
 def _network(env, step, images, metas):
-    """Tiled prediction with the whole volume's tile plan, normalisation and blending: the
-    predictions of each block equal the whole-volume ones (see :func:`predict_region`)."""
+    """Tiled prediction with the whole volume's tile plan, normalisation and blending, each tile
+    predicted once: a pass where every block predicts the tiles it owns (:func:`owned_tiles`) into
+    a tile array, then a pass where every block blends the stored tiles that meet it
+    (:func:`blend_tiles_task`).  The stored result equals the whole-volume prediction; the tile
+    array is removed once blended.  OnnxModel gives one 4-channel image (TileMerger splits it),
+    TorchModel four images."""
+    import shutil
+
     from ..filters.base import Context, resolve_relative
     from ..predict import make_transform
+    from .components import create_block_array
 
     p = dict(step.params)
     item = step.item.item_id
@@ -313,21 +361,35 @@ def _network(env, step, images, metas):
         sample = gather_sample(env, f"{item}-sample", v, per_channel=False)
         transform = make_transform(net if not _is_torchscript(model) else None, sample, mode=mode, percentiles=pct)
     blending = p.get("Blending") or _consumer_blending(env, item)
-    kwargs = {"source": v, "plan": plan, "blending": blending, "transform": transform, "model": model,
-              "use_gpu": bool(p.get("UseGPU", False)), "in_channels": p.get("NumInputChannels"),
-              "batch_size": int(p.get("BatchSize", 1)), "channels": 4}
+    channels = 4
     meta = dict(v.meta, is_label=False, model_path=model, model_metadata=dict(getattr(net, "metadata", {}) or {}))
-    outs = env.node("func", [RegionLeaf(env.shape, v.spacing)], func=predict_region, kwargs=kwargs, item_id=item,
-                    meta=meta, n_outputs=4, expensive=True)
+    meta = {k: x for k, x in meta.items() if k not in ("dtype_fixed", "lead")}
     if step.cls.name == "OnnxModel":
-        # one 4-channel image for TileMerger (which splits a prediction image into its channels)
-        out, = env.node("func", outs, func=_stack, item_id=item, meta=meta)
-        return [out], []
-    return outs, []
+        out_paths = [env.rt.path("arrays", f"{item}-net.zarr")]
+        create_block_array(out_paths[0], env.grid, np.float32, channels)
+    else:
+        out_paths = [env.rt.path("arrays", f"{item}-net{c + 1}.zarr") for c in range(channels)]
+        for path in out_paths:
+            create_block_array(path, env.grid, np.float32)
+    tiles_path = env.rt.path("arrays", f"{item}-tiles.zarr")
+    blend = f"{item}-blend"
+    if not all(env.rt.done(blend, b) for b in env.grid):
+        create_tile_array(tiles_path, plan, channels)
+        res = env.rt.run_pass(f"{item}-tiles", predict_tiles_task, source=v, plan=plan, transform=transform,
+                              model=model, use_gpu=bool(p.get("UseGPU", False)),
+                              in_channels=p.get("NumInputChannels"), batch_size=int(p.get("BatchSize", 1)),
+                              tiles_path=tiles_path, channels=channels,
+                              desc=f"{item}: predict {plan.n_tiles} tile(s)")
+        env.rt.stats[f"{item}-tiles"]["tiles"] = int(sum(res.values()))
+        env.rt.run_pass(blend, blend_tiles_task, plan=plan, blending=blending, tiles_path=tiles_path,
+                        out_paths=out_paths, channels=channels, collect=False, desc=f"{item}: blend tiles")
+    shutil.rmtree(tiles_path, ignore_errors=True)
+    log.info("%s: %d tile(s) of %s (grid %s), each predicted once, blended into %d block(s)", item, plan.n_tiles,
+             "x".join(map(str, plan.tile)), "x".join(map(str, plan.grid)), len(env.grid))
+    if len(out_paths) == 1:
+        return [Stored(out_paths[0], "array", tuple(env.shape), "<f4", channels, tuple(v.spacing), meta)], []
+    return [Stored(path, "array", tuple(env.shape), "<f4", None, tuple(v.spacing), dict(meta)) for path in out_paths], []
 
-
-def _stack(*arrays):
-    return np.stack(arrays)
 
 
 # ---------------------------------------------------------------------------------------------

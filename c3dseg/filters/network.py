@@ -49,15 +49,14 @@ def _patch_params(depth: int, height: int, width: int, stride: float, stride_tex
 class _PredictorMixin:
     """Shared set-up of the predictor filters."""
 
-    #: blockwise runs: input percentiles over the whole volume, then the model on each block grown
-    #: by its halo (c3dseg.blockwise.globals)
+    #: blockwise runs: input percentiles over the whole volume, then the whole volume's tiles, each
+    #: predicted once, blended block by block (c3dseg.blockwise.globals)
     blockwise = "global"
 
     def halo(self, spacing=(1.0, 1.0, 1.0)):
-        """Context around a block: the tile overlap (>= 16 voxels, a multiple of 8)."""
-        from ..blockwise.globals import network_halo
-
-        return network_halo(self.p)
+        """Context a block pass reads around its block: none (tiles are cut from the whole volume
+        whatever the blocks, and each block blends only its own voxels)."""
+        return (0, 0, 0)
 
     def _network(self) -> OnnxNetwork:
         path = self.resolve_path(self.p["ModelPath"])
