@@ -2,8 +2,9 @@
 
 ``ResampleToModelScale`` and ``ResampleImageFilter`` declare ``blockwise = "resample"``.  Their
 output grid (shape and spacing) is worked out in the client from the parameters and metadata,
-exactly as the whole-image filters do (the model's training diameter and the cell diameter for
-``ResampleToModelScale``, the reference input's grid or the spacing/factors for
+exactly as the whole-image filters do (for ``ResampleToModelScale`` by the filter's own
+:meth:`~c3dseg.filters.scale.ResampleToModelScale.target_grid`: diameter, warnings, MaxUpsampling
+check, the stand-in without cells; the reference input's grid or the spacing/factors for
 ``ResampleImageFilter``).  The output is then written, block by block *of the output grid*, into
 a zarr array in the run's work folder: each output block reads only the input box its voxels map
 to (plus the interpolation neighbour: one voxel for linear, none for nearest), through
@@ -30,6 +31,7 @@ import os
 import numpy as np
 
 from ..errors import InputError
+from ..filters.scale import _spacing_after
 from ..image import MetaTable
 from ..resampling import _out_dtype, output_shape, resample_box, source_box
 from .globals import register_global
@@ -183,81 +185,44 @@ def resample_value(env, value, out_shape, order: int, spacing, meta: dict, item_
     return Stored(path, "array", tuple(out_shape), out_dt.str, channels, tuple(spacing), meta)
 
 
-def _spacing_after(spacing, in_shape, out_shape):
-    """The output spacing of :func:`c3dseg.resampling.resample` (same physical extent)."""
-    return tuple(float(s) * n / m for s, n, m in zip(spacing, in_shape, out_shape))
-
-
 @register_global("ResampleToModelScale")
 def _to_model_scale(env, step, images, metas):
-    """The grid of :class:`~c3dseg.filters.scale.ResampleToModelScale` (diameter from the parameter,
-    the upstream estimate, or one made here; the model's training diameter), then linear
-    resampling of the float32 input block by block."""
+    """The grid :meth:`~c3dseg.filters.scale.ResampleToModelScale.target_grid` decides (the same
+    function as the whole-image filter; an estimate made here reads the central box lazily), then
+    linear resampling of the float32 input block by block, or the stand-in without cells."""
     from ..filters.base import Context
-    from ..filters.scale import DISAGREEMENT, model_cell_diameter_voxels, model_spacing
 
     v = images[0]
-    p = step.params
     item = step.item.item_id
     flt = step.cls(step.params, Context(item_id=item, base_dir=env.base_dir))
-    name = v.meta.get("basename", item)
     in_shape = shape_of(v)
-    diameter = p["CellDiameterUm"]
-    estimated = v.meta.get("cell_diameter_um")
-    no_cells = bool(v.meta.get("no_cells"))
-    if diameter <= 0 and estimated is None:
-        estimated, _, _ = estimate_diameter(env, v, channel=0, name=f"{item}-diameter")
-        no_cells = not math.isfinite(estimated)
-        if no_cells:
-            log.warning("%s: no cells found (no tissue: constant or noise-only image); the segmentation "
-                        "will be empty", name)
-        else:
-            log.info("%s: estimated median cell diameter %.2f um", name, estimated)
-    if no_cells:
-        return [_placeholder(env, v, item)], []
-    if diameter <= 0:
-        diameter = float(estimated)
-    elif (estimated is not None and math.isfinite(float(estimated))
-          and not (1 / DISAGREEMENT <= diameter / float(estimated) <= DISAGREEMENT)):
-        log.warning("%s: CellDiameterUm=%.3g um disagrees with the estimate from the image (%.3g um) by more "
-                    "than %gx; check the value and the image's spacing", name, diameter, float(estimated),
-                    DISAGREEMENT)
-    if not math.isfinite(diameter) or diameter <= 0:
-        raise InputError(f"no usable cell diameter for {name}; set CellDiameterUm", key="CellDiameterUm")
-    d_vox = model_cell_diameter_voxels(flt.resolve_path(p["ModelPath"]), p["ModelCellDiameterVoxels"])
-    target = model_spacing(diameter, d_vox)
-    factors = [s / t for s, t in zip(v.spacing, target)]
-    if max(factors) > p["MaxUpsampling"]:
-        raise InputError(f"{name}: cells of {diameter:.3g} um at spacing {tuple(v.spacing)} um need a zoom of "
-                         f"{max(factors):.2f}x (> MaxUpsampling {p['MaxUpsampling']:g}); check CellDiameterUm "
-                         "and the image's spacing", key="CellDiameterUm")
-    shape = output_shape(in_shape, v.spacing, new_spacing=target)
-    spacing = _spacing_after(v.spacing, in_shape, shape)
-    log.info("%s: %s at %s um -> %s at %.3g um (cells %.3g um = %.3g voxels)", name, in_shape,
-             tuple(round(s, 4) for s in v.spacing), shape, target[0], diameter, d_vox)
-    meta = dict(v.meta, cell_diameter_um=diameter, input_shape=in_shape, input_spacing=tuple(v.spacing))
-    out = resample_value(env, v, shape, 1, spacing, meta, item, cast=np.float32)
+
+    def estimate():
+        return estimate_diameter(env, v, channel=0, name=f"{item}-diameter")[0]
+
+    grid = flt.target_grid(in_shape, v.spacing, v.meta, v.meta.get("basename", item), estimate)
+    if grid.no_cells:
+        return [_placeholder(env, v, item, grid)], []
+    meta = dict(v.meta, cell_diameter_um=grid.diameter_um, input_shape=in_shape, input_spacing=tuple(v.spacing))
+    out = resample_value(env, v, grid.shape, 1, grid.spacing, meta, item, cast=np.float32)
     return [out], []
 
 
-def _placeholder(env, v, item_id: str):
-    """ResampleToModelScale's all-zero stand-in for an image without cells (``PLACEHOLDER_SIZE``
-    voxels a side, same extent, meta ``no_cells``), as a stored array on its own grid."""
-    from ..filters.scale import PLACEHOLDER_SIZE
+def _placeholder(env, v, item_id: str, grid):
+    """ResampleToModelScale's all-zero stand-in for an image without cells (on ``grid``, decided by
+    ``target_grid``: same extent, meta ``no_cells``), as a stored array on its own grid."""
     from .components import create_block_array
 
     in_shape = shape_of(v)
     (_, lead), = env.probe([v])
-    shape = tuple(min(int(n), PLACEHOLDER_SIZE) for n in in_shape)
-    spacing = _spacing_after(v.spacing, in_shape, shape)
-    env.enter_grid(shape, spacing, item_id)
+    env.enter_grid(grid.shape, grid.spacing, item_id)
     path = env.rt.path("arrays", f"{item_id}-placeholder.zarr")
     channels = lead[0] if lead else None
     create_block_array(path, env.grid, np.float32, channels)          # zeros (the fill value)
-    env.placeholder_shapes = getattr(env, "placeholder_shapes", set()) | {shape}
+    env.placeholder_shapes = getattr(env, "placeholder_shapes", set()) | {grid.shape}
     meta = {k: x for k, x in v.meta.items() if k not in ("dtype_fixed", "lead")}
     meta.update(cell_diameter_um=float("nan"), no_cells=True, input_shape=in_shape, input_spacing=tuple(v.spacing))
-    return Stored(path, "array", shape, "<f4", channels, spacing, meta)
+    return Stored(path, "array", grid.shape, "<f4", channels, grid.spacing, meta)
 
 
 @register_global("ResampleImageFilter")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -52,6 +53,24 @@ def model_spacing(cell_diameter_um: float, model_diameter_vox: float) -> tuple[f
     return (iso, iso, iso)
 
 
+def _spacing_after(spacing, in_shape, out_shape) -> tuple[float, float, float]:
+    """The output spacing of :func:`c3dseg.resampling.resample` (same physical extent)."""
+    return tuple(float(s) * n / m for s, n, m in zip(spacing, in_shape, out_shape))
+
+
+@dataclass(frozen=True)
+class ModelGrid:
+    """What :meth:`ResampleToModelScale.target_grid` decided: the output grid (``shape``, ``spacing``
+    in um), the cell diameter used (um; NaN without cells), the model's training diameter (voxels;
+    NaN without cells) and whether the image has no cells (the output is then the all-zero stand-in)."""
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    diameter_um: float
+    model_diameter_voxels: float
+    no_cells: bool
+
+
 @register
 class ResampleToModelScale(Filter):
     """The cell diameter comes from ``CellDiameterUm`` (> 0), else the upstream estimate (meta
@@ -84,57 +103,77 @@ class ResampleToModelScale(Filter):
               min=1.0),
     )
 
-    def run(self, images, metas):
-        img = images[0]
-        diameter = self.p["CellDiameterUm"]
-        estimated = img.meta.get("cell_diameter_um")
-        no_cells = bool(img.meta.get("no_cells"))
-        if diameter <= 0 and estimated is None:
-            from ..diameter import estimate_cell_diameter
+    def target_grid(self, shape3d, spacing, meta: dict, name: str, estimate) -> "ModelGrid":
+        """The decisions of this filter, shared by the whole-image run and the blockwise form
+        (:mod:`c3dseg.blockwise.resample`): the cell diameter (``CellDiameterUm``, else the upstream
+        estimate in ``meta``, else ``estimate()``, called only then), the warnings (no cells; a
+        given diameter disagreeing with the estimate), the ``MaxUpsampling`` check and the output
+        grid: the model's, or the :data:`PLACEHOLDER_SIZE` stand-in for an image without cells.
 
-            estimated = float(estimate_cell_diameter(img.data if img.data.ndim == 3 else img.data[0],
-                                                     img.spacing))
+        Raises
+        ------
+        InputError
+            No usable diameter, or a zoom past ``MaxUpsampling`` (naming ``CellDiameterUm``).
+        """
+        shape3d = tuple(int(n) for n in shape3d)
+        spacing = tuple(float(s) for s in spacing)
+        diameter = self.p["CellDiameterUm"]
+        estimated = meta.get("cell_diameter_um")
+        no_cells = bool(meta.get("no_cells"))
+        if diameter <= 0 and estimated is None:
+            estimated = float(estimate())
             no_cells = not math.isfinite(estimated)
             if no_cells:
                 log.warning("%s: no cells found (no tissue: constant or noise-only image); the segmentation "
-                            "will be empty", img.basename)
+                            "will be empty", name)
             else:
-                log.info("%s: estimated median cell diameter %.2f um", img.basename, estimated)
+                log.info("%s: estimated median cell diameter %.2f um", name, estimated)
         if no_cells:
-            return [self._placeholder(img)], []
+            shape = tuple(min(n, PLACEHOLDER_SIZE) for n in shape3d)
+            return ModelGrid(shape, _spacing_after(spacing, shape3d, shape), float("nan"), float("nan"), True)
         if diameter <= 0:
             diameter = float(estimated)
         elif (estimated is not None and math.isfinite(float(estimated))
               and not (1 / DISAGREEMENT <= diameter / float(estimated) <= DISAGREEMENT)):
             log.warning("%s: CellDiameterUm=%.3g um disagrees with the estimate from the image (%.3g um) by more "
-                        "than %gx; check the value and the image's spacing", img.basename, diameter,
-                        float(estimated), DISAGREEMENT)
+                        "than %gx; check the value and the image's spacing", name, diameter, float(estimated),
+                        DISAGREEMENT)
         if not math.isfinite(diameter) or diameter <= 0:
-            raise InputError(f"no usable cell diameter for {img.basename}; set CellDiameterUm",
-                             key="CellDiameterUm")
+            raise InputError(f"no usable cell diameter for {name}; set CellDiameterUm", key="CellDiameterUm")
         d_vox = model_cell_diameter_voxels(self.resolve_path(self.p["ModelPath"]), self.p["ModelCellDiameterVoxels"])
         target = model_spacing(diameter, d_vox)
-        factors = [s / t for s, t in zip(img.spacing, target)]
+        factors = [s / t for s, t in zip(spacing, target)]
         if max(factors) > self.p["MaxUpsampling"]:
-            raise InputError(f"{img.basename}: cells of {diameter:.3g} um at spacing {img.spacing} um need a zoom of "
+            raise InputError(f"{name}: cells of {diameter:.3g} um at spacing {spacing} um need a zoom of "
                              f"{max(factors):.2f}x (> MaxUpsampling {self.p['MaxUpsampling']:g}); check CellDiameterUm "
                              "and the image's spacing", key="CellDiameterUm")
-        shape = output_shape(img.shape3d, img.spacing, new_spacing=target)
-        data, spacing = resample(np.asarray(img.data, np.float32), img.spacing, shape, order=1)
-        log.info("%s: %s at %s um -> %s at %.3g um (cells %.3g um = %.3g voxels)", img.basename, img.shape3d,
-                 tuple(round(s, 4) for s in img.spacing), shape, target[0], diameter, d_vox)
-        out = img.derive(data, cell_diameter_um=diameter, input_shape=img.shape3d, input_spacing=img.spacing)
+        shape = output_shape(shape3d, spacing, new_spacing=target)
+        log.info("%s: %s at %s um -> %s at %.3g um (cells %.3g um = %.3g voxels)", name, shape3d,
+                 tuple(round(s, 4) for s in spacing), shape, target[0], diameter, d_vox)
+        return ModelGrid(tuple(shape), _spacing_after(spacing, shape3d, shape), float(diameter), float(d_vox), False)
+
+    def run(self, images, metas):
+        img = images[0]
+
+        def estimate():
+            from ..diameter import estimate_cell_diameter
+
+            return estimate_cell_diameter(img.data if img.data.ndim == 3 else img.data[0], img.spacing)
+
+        grid = self.target_grid(img.shape3d, img.spacing, img.meta, img.basename, estimate)
+        if grid.no_cells:
+            return [self._placeholder(img, grid)], []
+        data, spacing = resample(np.asarray(img.data, np.float32), img.spacing, grid.shape, order=1)
+        out = img.derive(data, cell_diameter_um=grid.diameter_um, input_shape=img.shape3d, input_spacing=img.spacing)
         out.spacing = tuple(spacing)
         return [out], []
 
     @staticmethod
-    def _placeholder(img):
+    def _placeholder(img, grid: "ModelGrid"):
         """For an image without cells: a small all-zero image over the same extent (meta ``no_cells``), so
         the network and reconstruction downstream cost next to nothing and the label filters return zeros."""
-        shape = tuple(min(int(n), PLACEHOLDER_SIZE) for n in img.shape3d)
-        spacing = tuple(float(s) * n / m for s, n, m in zip(img.spacing, img.shape3d, shape))
-        data = np.zeros(img.data.shape[:-3] + shape, np.float32)
+        data = np.zeros(img.data.shape[:-3] + grid.shape, np.float32)
         out = img.derive(data, cell_diameter_um=float("nan"), no_cells=True, input_shape=img.shape3d,
                          input_spacing=img.spacing)
-        out.spacing = spacing
+        out.spacing = grid.spacing
         return out
