@@ -1,14 +1,17 @@
 """Cell-diameter estimate against the truth on synthetic validation and out-of-distribution volumes.
 
     python benchmarks/diameter.py [--n-val 40] [--n-ood 20] [--shape 64,128,128] [--calibrate N]
-                                  [--cache DIR]
+                                  [--cache DIR] [--model PATH]
 
 Volumes come from :func:`c3dseg.synthesis.make_sample` with the seed convention of ``c3d-synth``
 (validation: 10**6 + i, ood: 2 * 10**6 + i, i = 0..n-1), so they are exactly what
 ``c3d-synth --preset validation -n N --seed 0`` writes.  The truth is the median equivalent-sphere
 diameter of the interior ground-truth cells.  ``--calibrate N`` first measures N *training* volumes
 (seeds 0..N-1) with the calibration factor set to 1 and prints the factor that would centre them
-(``c3dseg.diameter.CALIBRATION`` holds the value in use).  Everything printed is measured here.
+(``c3dseg.diameter.CALIBRATION`` holds the value in use).  ``--model PATH`` also refines every
+estimate with that ONNX model (``EstimateCellDiameter ModelPath``): each line then shows the
+classical estimate, the refined one, the network passes (scale -> measured median) and whether the
+refinement was kept; the summaries cover both.  Everything printed is measured here.
 """
 
 from __future__ import annotations
@@ -44,18 +47,25 @@ def load_sample(preset, seed, shape, cache=None):
     return img, tuple(sp), p
 
 
-def measure(preset, n, shape, calibration=None, verbose=True, cache=None):
+def measure(preset, n, shape, calibration=None, verbose=True, cache=None, model=None):
+    """Rows (seed, truth, estimate, seconds, structure, classical estimate)."""
     rows = []
     for i in range(n):
         seed = PRESET_SEED_OFFSET[preset] + i
         img, sp, p = load_sample(preset, seed, shape, cache)
         t0 = time.perf_counter()
-        est, info = dm.estimate_cell_diameter(img, sp, calibration=calibration, return_details=True)
+        est, info = dm.estimate_cell_diameter(img, sp, calibration=calibration, model=model,
+                                              return_details=True)
         dt = time.perf_counter() - t0
         truth = p["median_diameter_um"]
-        rows.append((seed, truth, est, dt, info["structure"]))
+        rows.append((seed, truth, est, dt, info["structure"], info["classical"]))
         if verbose:
             extra = ",".join(p.get("ood_keys", []))
+            if "refine" in info:
+                r = info["refine"]
+                extra = (f"classical {info['classical'] / truth:5.2f}  network "
+                         + " ".join(f"{a / truth:.2f}->{b / truth:.2f}({c})" for a, b, c in r["passes"])
+                         + f" slope {r['slope']:.2f} {'kept' if r['accepted'] else 'rejected'}  " + extra)
             print(f"{preset:10s} {seed:8d} {p['tissue']:9s} truth {truth:7.2f} um  estimate {est:7.2f} um  "
                   f"ratio {est / truth:5.2f}  {dt:5.1f} s  d/vox {truth / sp[2]:5.1f}  z/xy {sp[0] / sp[2]:4.2f}  "
                   f"photons {p['photons']:6.1f}  faint {p['faint_wall_fraction']:.2f}  "
@@ -63,8 +73,8 @@ def measure(preset, n, shape, calibration=None, verbose=True, cache=None):
     return np.array(rows, dtype=np.float64)
 
 
-def summary(name, rows):
-    ratio = rows[:, 2] / rows[:, 1]
+def summary(name, rows, column=2):
+    ratio = rows[:, column] / rows[:, 1]
     err = np.abs(ratio - 1)
     ok = np.isfinite(ratio)
     print(f"{name}: {len(rows)} volumes, within 20 %: {np.mean(err[ok] <= 0.2) * 100:.1f} % "
@@ -97,7 +107,11 @@ def main(argv=None):
                     help="fit the calibration factor on N training volumes first")
     ap.add_argument("--cache", default=None, metavar="DIR",
                     help="keep the generated volumes in DIR (.npz) and reuse them on later runs")
+    ap.add_argument("--model", default=None, metavar="PATH",
+                    help="also refine the estimates with this ONNX model (c3dseg/models/tanh.onnx, ...)")
     args = ap.parse_args(argv)
+    if args.model and not os.path.isfile(args.model):
+        ap.error(f"--model: no such file: {args.model}")
     shape = tuple(int(v) for v in args.shape.split(","))
     print(f"c3dseg.diameter.CALIBRATION = {dm.CALIBRATION:.4f}, shape {shape}", flush=True)
     if args.calibrate:
@@ -108,10 +122,15 @@ def main(argv=None):
         rows[:, 2] *= dm.CALIBRATION
         summary("train (calibration in use)", rows)
     empty_stacks(shape)
-    if args.n_val:
-        summary("validation", measure("validation", args.n_val, shape, cache=args.cache))
-    if args.n_ood:
-        summary("ood", measure("ood", args.n_ood, shape, cache=args.cache))
+    for preset, n in (("validation", args.n_val), ("ood", args.n_ood)):
+        if not n:
+            continue
+        rows = measure(preset, n, shape, cache=args.cache, model=args.model)
+        if args.model:
+            summary(f"{preset} classical", rows, column=5)
+            summary(f"{preset} refined with {os.path.basename(args.model)} (time: both)", rows)
+        else:
+            summary(preset, rows)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,17 @@ insensitive to the signal-to-noise ratio.  The median equivalent-sphere diameter
 regions, times a calibration factor (the watershed merges cells whose walls it cannot see, so it
 over-estimates slightly and consistently), is the estimate.
 
+Optional refinement with a network (``model``, :func:`refine_with_network`, like Cellpose's
+two-pass size estimate): a central crop of at most :data:`REFINE_EDGE` voxels a side is resampled
+to the model's training scale implied by the current estimate, segmented by the network and the
+flow reconstruction (the settings of ``segment.xml``), and the median diameter of its interior
+cells is measured; that measurement becomes the scale of a second network pass.  The refined value
+is kept only when the network measures the cells rather than echoing the scale it is shown: a
+network that has learnt only its training size finds cells of that size at any scale (the
+measurement grows in proportion to the scale assumed).  The ratio of the log changes of the two
+measurements and of the two scales (:data:`REFINE_MAX_SLOPE`) tells them apart; otherwise the
+classical estimate stands.
+
 Known weakness (``benchmarks/diameter.py``): cells only ~6-9 voxels across, especially with
 coarse z-steps or few photons, are partly merged and over-estimated by up to ~1.5x; a per-slice
 (planar) measurement of the widest sections was tried and was worse.
@@ -26,7 +37,10 @@ watershed measure kept here.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import warnings
 
 import numpy as np
 
@@ -34,7 +48,7 @@ from .errors import InputError
 from .watershed import (_kernel_l2, noise_sigma, normalise_percentiles, region_diameters, seeded_watershed,
                         smooth_physical)
 
-__all__ = ["estimate_cell_diameter", "structure_to_noise", "CALIBRATION"]
+__all__ = ["estimate_cell_diameter", "refine_with_network", "structure_to_noise", "CALIBRATION"]
 
 #: True median diameter / median watershed region diameter, fitted on ``c3d-synth --preset train``
 #: volumes (seeds 0-39, never the validation seeds) by ``benchmarks/diameter.py --calibrate 40``,
@@ -62,6 +76,22 @@ TARGET_VOXELS = 10.0
 #: ``c3d-synth`` training volumes measured 5 (4.9 photons at a wall peak) to 150+; the benchmark
 #: prints the lowest).
 MIN_STRUCTURE = 2.0
+
+#: Edge (voxels of the model's grid) of the central crop the network refinement segments.
+REFINE_EDGE = 64
+
+#: The refinement is kept only when the network's measurement changes by less than this fraction
+#: of a change of the scale it is shown (in logs): 0 for a network that measures the cells whatever
+#: the scale, 1 for one that echoes the scale.
+REFINE_MAX_SLOPE = 0.5
+
+#: Fewest interior cells a network pass must find for its median to count.
+REFINE_MIN_CELLS = 5
+
+#: Reconstruction settings of the refinement passes: those of ``segment.xml``.
+REFINE_RECONSTRUCTION = {"fg_threshold": 0.5, "smoothing_sigma": 1.0, "step": 4.0, "n_iter": 100,
+                         "closing_radius": 3, "min_radius_voxels": 2.5, "max_radius_voxels": 100.0,
+                         "min_overlap": 0.2, "max_flow_error": 0.8, "min_axis_ratio": 0.1}
 
 
 def _central_block(data, max_voxels):
@@ -107,7 +137,7 @@ def structure_to_noise(data, spacing) -> float:
 
 
 def estimate_cell_diameter(image, spacing=(1.0, 1.0, 1.0), *, max_voxels=4_000_000,
-                           calibration=None, return_details=False):
+                           calibration=None, model=None, return_details=False):
     """Median equivalent-sphere cell diameter (um) of a membrane-stained stack.
 
     Parameters
@@ -124,11 +154,16 @@ def estimate_cell_diameter(image, spacing=(1.0, 1.0, 1.0), *, max_voxels=4_000_0
         cropped to :data:`PASS2_VOXELS` voxels.
     calibration : float, optional
         Factor applied to the measured median (default :data:`CALIBRATION`).
+    model : str or :class:`c3dseg.predict.OnnxNetwork`, optional
+        An ONNX model (``c3d-export``, with ``median_cell_diameter_voxels`` metadata): the classical
+        estimate is refined with it (:func:`refine_with_network`) on the central block.  None or
+        "": classical only.
     return_details : bool
         Also return a dict: ``passes`` (list of (smoothing_um, h, regions, median_um)),
         ``block_shape`` (the block read), ``downscale`` (lateral factor of the second pass),
         ``structure`` (:func:`structure_to_noise`) and ``empty`` (True when the image holds no
-        cells: constant, pure noise or too few regions).
+        cells: constant, pure noise or too few regions), ``classical`` (the estimate before any
+        refinement) and, with ``model``, ``refine`` (see :func:`refine_with_network`).
 
     Returns
     -------
@@ -145,7 +180,7 @@ def estimate_cell_diameter(image, spacing=(1.0, 1.0, 1.0), *, max_voxels=4_000_0
     cal = CALIBRATION if calibration is None else float(calibration)
     block = _central_block(data, int(max_voxels))
     details = {"passes": [], "block_shape": tuple(block.shape), "downscale": 1, "structure": 0.0,
-               "empty": True}
+               "empty": True, "classical": float("nan")}
 
     def done(value):
         details["empty"] = not math.isfinite(value)
@@ -167,7 +202,101 @@ def estimate_cell_diameter(image, spacing=(1.0, 1.0, 1.0), *, max_voxels=4_000_0
     med2 = _measure(second, sp2, med, details["passes"])
     if math.isfinite(med2):
         med = med2
-    return done(med * cal)
+    d = details["classical"] = med * cal
+    if model is not None and model != "":
+        d, details["refine"] = refine_with_network(block, spacing, d, model)
+    return done(d)
+
+
+def _network(model):
+    """An :class:`~c3dseg.predict.OnnxNetwork` for a path (kept open for the next call); anything
+    else is taken as a network already (``metadata``, ``flow_type``, ``(B, C, Z, Y, X)`` call)."""
+    if isinstance(model, (str, os.PathLike)):
+        return _cached_network(os.fspath(model))
+    return model
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_network(path):
+    from .predict import OnnxNetwork
+
+    return OnnxNetwork(path, threads=1)
+
+
+def model_diameter_voxels(net) -> float:
+    """``median_cell_diameter_voxels`` of a model's metadata (InputError naming it when missing)."""
+    try:
+        value = float(net.metadata.get("median_cell_diameter_voxels", ""))
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise InputError(f"model {net.name} has no median_cell_diameter_voxels metadata (not exported by "
+                         "c3d-export?); the diameter refinement needs it", key="ModelPath")
+    return value
+
+
+def network_diameter(block, spacing, diameter_um, model, *, edge=REFINE_EDGE):
+    """Median diameter (um) of the interior cells the network finds in the central crop of
+    ``block`` when the cells are taken to be ``diameter_um`` across: the crop (at most ``edge``
+    voxels a side on the model's grid) is resampled linearly to the isotropic spacing
+    ``diameter_um / median_cell_diameter_voxels``, normalised as the model's metadata say,
+    predicted in one tile and reconstructed with :data:`REFINE_RECONSTRUCTION`.  Returns
+    ``(median_um, cells)``; the median is NaN below :data:`REFINE_MIN_CELLS` interior cells."""
+    from .predict import predict_volume
+    from .reconstruction import reconstruct
+    from .resampling import output_shape, resample
+
+    net = _network(model)
+    iso = float(diameter_um) / model_diameter_voxels(net)
+    ext = [min(int(n), max(1, math.ceil(edge * iso / s))) for n, s in zip(block.shape, spacing)]
+    lo = [(int(n) - e) // 2 for n, e in zip(block.shape, ext)]
+    crop = np.asarray(block[tuple(slice(a, a + e) for a, e in zip(lo, ext))], np.float32)
+    shape = tuple(min(edge, m) for m in output_shape(crop.shape, spacing, new_spacing=(iso,) * 3))
+    data, sp = resample(crop, spacing, shape, order=1)
+    y = predict_volume(data, net, tile_shape=(edge,) * 3, overlap=0)
+    scale = net.metadata.get("flow_scale", "adaptive")
+    try:
+        scale = float(scale)
+    except ValueError:
+        pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        labels = reconstruct(y[0], y[1:], flow_type=net.flow_type, flow_scale=scale, **REFINE_RECONSTRUCTION)
+    d = region_diameters(labels, sp)
+    return (float(np.median(d)) if len(d) >= REFINE_MIN_CELLS else float("nan")), int(len(d))
+
+
+def refine_with_network(block, spacing, d0, model, *, edge=REFINE_EDGE):
+    """Refine the estimate ``d0`` (um) with a network: ``d1`` = :func:`network_diameter` at the
+    scale ``d0``, ``d2`` = the same at the scale ``d1``.  ``d2`` is returned when the network
+    measured cells (at least :data:`REFINE_MIN_CELLS` in both passes) and its measurement does not
+    echo the scale it is shown: the slope ``log(d2 / d1) / log(d1 / d0)`` is at most
+    :data:`REFINE_MAX_SLOPE` (when ``d1`` is within 5 % of ``d0`` the network agrees with the scale
+    and ``d1`` is returned after one pass).  Otherwise ``d0`` stands.
+
+    Returns ``(diameter_um, info)`` with info ``{"passes": [(scale_um, median_um, cells), ...],
+    "slope": float, "accepted": bool}``."""
+    spacing = tuple(float(s) for s in spacing)
+    info = {"passes": [], "slope": float("nan"), "accepted": False}
+    if not (math.isfinite(d0) and d0 > 0):
+        return d0, info
+    d1, n1 = network_diameter(block, spacing, d0, model, edge=edge)
+    info["passes"].append((float(d0), d1, n1))
+    if not math.isfinite(d1):
+        return d0, info
+    if abs(math.log(d1 / d0)) <= math.log(1.05):
+        info["accepted"] = True
+        info["slope"] = 0.0
+        return d1, info
+    d2, n2 = network_diameter(block, spacing, d1, model, edge=edge)
+    info["passes"].append((d1, d2, n2))
+    if not math.isfinite(d2):
+        return d0, info
+    info["slope"] = slope = math.log(d2 / d1) / math.log(d1 / d0)
+    if slope <= REFINE_MAX_SLOPE:
+        info["accepted"] = True
+        return d2, info
+    return d0, info
 
 
 def equatorial_section_diameters(labels, spacing):

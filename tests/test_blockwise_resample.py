@@ -191,6 +191,11 @@ def test_cell_diameter_estimate_same_number(tmp_path, client, stack):
     d, regions, block_shape = estimate_diameter(env, src, max_voxels=32768)
     ref, info = estimate_cell_diameter(image.astype(np.uint16), spacing, max_voxels=32768, return_details=True)
     assert np.isfinite(ref) and d == ref and tuple(block_shape) == tuple(info["block_shape"])
+    # with the network refinement (ModelPath) too: the same central box, the same number
+    d, _, _ = estimate_diameter(env, src, max_voxels=32768, name="refined", model=MODEL)
+    ref, info = estimate_cell_diameter(image.astype(np.uint16), spacing, max_voxels=32768, model=MODEL,
+                                       return_details=True)
+    assert np.isfinite(ref) and d == ref and "refine" in info
 
 
 def _small_segment(tmp_path, patch=48):

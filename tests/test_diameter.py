@@ -156,3 +156,96 @@ def test_large_cells_are_measured_downscaled():
     d, info = estimate_cell_diameter(img, sp, return_details=True)
     assert info["downscale"] == 2
     assert abs(d / p["median_diameter_um"] - 1) < 0.25
+
+
+# -- refinement with a network ------------------------------------------------------------------
+
+def _lattice(cell=8, shape=(24, 48, 48)):
+    """Cubic cells ``cell`` voxels apart with one-voxel bright walls (spacing 1 um)."""
+    img = np.full(shape, 0.1, np.float32)
+    for a in range(3):
+        idx = [slice(None)] * 3
+        idx[a] = slice(0, None, cell)
+        img[tuple(idx)] = 1.0
+    truth = (6.0 * cell ** 3 / np.pi) ** (1 / 3)
+    return img, truth
+
+
+class _Oracle:
+    """Stands in for a good network: segments the dark interiors of its input (whatever the scale)
+    and returns their foreground and tanh flows, as a trained model would."""
+
+    name = "oracle"
+    flow_type = "tanh"
+    size_divisor = 8
+    metadata = {"median_cell_diameter_voxels": "12.78", "flow_scale": "adaptive"}
+
+    def __init__(self, echo=False):
+        self.echo = echo   # ignore the input: cells of the training size at any scale
+        self.calls = 0
+
+    def __call__(self, batch):
+        from skimage.segmentation import expand_labels
+
+        from c3dseg.flows import tanh_flows
+
+        self.calls += 1
+        out = []
+        for x in batch[:, 0]:
+            if self.echo:
+                x, _ = _lattice(9, x.shape)   # 0.87x the training size
+            lo, hi = float(x.min()), float(x.max())
+            cells, _ = __import__("scipy").ndimage.label(x < (lo + hi) / 2)
+            cells = expand_labels(cells, 2)
+            flows = tanh_flows(cells)
+            out.append(np.concatenate([(cells > 0)[None].astype(np.float32), flows]))
+        return np.stack(out)
+
+
+@pytest.mark.parametrize("wrong", [1.5, 0.6])
+def test_refinement_moves_a_wrong_estimate_toward_the_truth(wrong):
+    from c3dseg.diameter import refine_with_network
+
+    img, truth = _lattice()
+    d0 = wrong * truth
+    net = _Oracle()
+    d, info = refine_with_network(img, (1.0, 1.0, 1.0), d0, net)
+    assert info["accepted"] and 1 <= len(info["passes"]) <= 2 and net.calls == len(info["passes"])
+    assert abs(math.log(d / truth)) < 0.5 * abs(math.log(d0 / truth))
+    assert abs(d / truth - 1) < 0.2
+
+
+def test_refinement_rejects_a_network_that_echoes_the_scale():
+    from c3dseg.diameter import refine_with_network
+
+    img, truth = _lattice()
+    d, info = refine_with_network(img, (1.0, 1.0, 1.0), 1.5 * truth, _Oracle(echo=True))
+    assert not info["accepted"] and d == 1.5 * truth
+    assert info["slope"] > 0.5
+
+
+def test_estimate_with_model_keeps_the_classical_value_in_details():
+    img, truth = _lattice()
+    d, info = estimate_cell_diameter(img, (1.0, 1.0, 1.0), model=_Oracle(), return_details=True)
+    classical = estimate_cell_diameter(img, (1.0, 1.0, 1.0))
+    assert info["classical"] == classical and "refine" in info
+    assert abs(d / truth - 1) <= abs(classical / truth - 1) + 0.05
+    # empty stacks stay NaN (no network pass)
+    net = _Oracle()
+    e, info = estimate_cell_diameter(np.zeros((16, 32, 32)), (1, 1, 1), model=net, return_details=True)
+    assert math.isnan(e) and info["empty"] and net.calls == 0
+
+
+def test_filter_model_path(tmp_path):
+    from c3dseg.filters.base import Context
+
+    img, truth = _lattice()
+    image = Image(img, (1.0, 1.0, 1.0), {"basename": "lattice"})
+    model = __import__("os").path.join(__import__("os").path.dirname(__import__("c3dseg").__file__),
+                                       "models", "tanh.onnx")
+    out, metas = get_filter("EstimateCellDiameter")({"ModelPath": model}).run([image], [])
+    assert math.isfinite(out[0].meta["cell_diameter_um"])
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(InputError, match="ModelPath|model"):
+        get_filter("EstimateCellDiameter")({"ModelPath": str(bad)}).run([image], [])

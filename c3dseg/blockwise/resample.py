@@ -74,7 +74,7 @@ def central_box(shape, max_voxels: int) -> tuple[tuple[int, ...], tuple[int, ...
     return tuple(lo), tuple(hi)
 
 
-def _diameter_task(value, lo, hi, shape, channel, spacing, max_voxels):
+def _diameter_task(value, lo, hi, shape, channel, spacing, max_voxels, model=None):
     """Worker side: the estimate on the central box (the very array the whole-image filter measures)."""
     from ..diameter import estimate_cell_diameter
 
@@ -83,12 +83,14 @@ def _diameter_task(value, lo, hi, shape, channel, spacing, max_voxels):
         if not 0 <= channel < data.shape[0]:
             raise InputError(f"channel {channel} does not exist ({data.shape[0]} channels)", key="Channel")
         data = data[channel]
-    d, info = estimate_cell_diameter(data, spacing, max_voxels=max_voxels, return_details=True)
+    d, info = estimate_cell_diameter(data, spacing, max_voxels=max_voxels, model=model or None,
+                                     return_details=True)
     regions = info["passes"][-1][2] if info["passes"] else 0
     return float(d), int(regions), [int(n) for n in info["block_shape"]]
 
 
-def estimate_diameter(env, value, *, channel: int = 0, max_voxels: int | None = None, name: str = "diameter"):
+def estimate_diameter(env, value, *, channel: int = 0, max_voxels: int | None = None, name: str = "diameter",
+                      model: str = ""):
     """``(diameter_um, regions, block_shape)`` of :func:`c3dseg.diameter.estimate_cell_diameter` on
     the whole image, computed from its central box only (kept in the work folder for a resumed run)."""
     from ..diameter import estimate_cell_diameter
@@ -103,7 +105,7 @@ def estimate_diameter(env, value, *, channel: int = 0, max_voxels: int | None = 
             d, regions, block_shape = json.load(f)
         return (float("nan") if d is None else float(d)), int(regions), tuple(block_shape)
     d, regions, block_shape = env.rt.gather_small(_diameter_task, value, lo, hi, shape, int(channel),
-                                                  tuple(value.spacing), int(max_voxels))
+                                                  tuple(value.spacing), int(max_voxels), model or None)
     with open(record, "w") as f:
         json.dump([d if math.isfinite(d) else None, regions, block_shape], f)
     return d, regions, tuple(block_shape)
@@ -115,8 +117,11 @@ def _estimate_cell_diameter(env, step, images, metas):
     p = step.params
     item = step.item.item_id
     name = v.meta.get("basename", item)
+    from ..filters.base import resolve_relative
+
+    model = resolve_relative(p.get("ModelPath", ""), env.base_dir) if p.get("ModelPath") else ""
     d, regions, block_shape = estimate_diameter(env, v, channel=p["Channel"], max_voxels=p["MaxVoxels"],
-                                                name=f"{item}-diameter")
+                                                name=f"{item}-diameter", model=model)
     empty = not math.isfinite(d)
     if empty:
         log.warning("%s: no cells found (no tissue: constant or noise-only image); the segmentation "

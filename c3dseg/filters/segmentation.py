@@ -49,12 +49,17 @@ class EstimateCellDiameter(Filter):
         Param("Channel", "int", 0, "Channel measured when the image has several (0-based).", min=0),
         Param("MaxVoxels", "int", 4_000_000,
               "Larger images are measured on a central block of about this many voxels.", min=32768),
+        Param("ModelPath", "string", "",
+              "ONNX model refining the classical estimate (segments a central crop of at most 64^3 voxels at "
+              "the scale the estimate implies, twice; kept only when the network measures the cells rather "
+              "than echoing the scale). Empty: the classical estimate only.", path=True, exists=True),
     )
 
     def run(self, images, metas):
         img = images[0]
         data = _channel(img, self.p["Channel"])
-        d, info = estimate_cell_diameter(data, img.spacing, max_voxels=self.p["MaxVoxels"],
+        model = self.resolve_path(self.p["ModelPath"]) if self.p["ModelPath"] else None
+        d, info = estimate_cell_diameter(data, img.spacing, max_voxels=self.p["MaxVoxels"], model=model,
                                          return_details=True)
         regions = info["passes"][-1][2] if info["passes"] else 0
         empty = not math.isfinite(d)
@@ -63,6 +68,11 @@ class EstimateCellDiameter(Filter):
                         "will be empty", img.basename)
         else:
             log.info("%s: estimated median cell diameter %.3g um (%d regions)", img.basename, d, regions)
+            if "refine" in info:
+                log.info("%s: network refinement %s (classical %.3g um; passes %s, slope %.2f)", img.basename,
+                         "kept" if info["refine"]["accepted"] else "rejected", info["classical"],
+                         ", ".join(f"{a:.3g}->{b:.3g} um ({n} cells)" for a, b, n in info["refine"]["passes"]),
+                         info["refine"]["slope"])
         table = MetaTable(["cell_diameter_um", "regions", "block_voxels"],
                           [[float(d), int(regions), int(np.prod(info["block_shape"]))]])
         return [img.derive(img.data, cell_diameter_um=float(d), no_cells=empty)], [table]
