@@ -680,7 +680,7 @@ def train(config: dict, *, resume: bool = False, progress: bool | None = None) -
                 meters.setdefault(k, []).append(float(v.detach()))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}", refresh=False)
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{lr:.2e}", refresh=False)
             s = state["step"]
             if s % tcfg["log_every"] == 0 or s == total:
                 now = time.perf_counter()
