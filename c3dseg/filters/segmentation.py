@@ -50,7 +50,7 @@ class EstimateCellDiameter(Filter):
         Param("MaxVoxels", "int", 4_000_000,
               "Larger images are measured on a central block of about this many voxels.", min=32768),
         Param("ModelPath", "string", "",
-              "ONNX model refining the classical estimate (segments a central crop of at most 64^3 voxels at "
+              "The .onnx model file (relative paths: to the pipeline's folder); here it refines the classical estimate (segments a central crop of at most 64^3 voxels at "
               "the scale the estimate implies, twice; kept only when the network measures the cells rather "
               "than echoing the scale). Empty: the classical estimate only.", path=True, exists=True),
     )
