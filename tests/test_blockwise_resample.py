@@ -252,3 +252,49 @@ def test_segment_pipeline_empty_stack_blockwise(tmp_path, client):
     res = vol.read()
     assert res.shape == (16, 32, 32) and res.max() == 0
     assert (16, 16, 16) in [g["shape"] for g in opts.stats["grids"]]        # the stand-in's grid
+
+
+def _without_return_to_input_grid(path, tmp_path):
+    """The pipeline at ``path`` with ResampleImageFilter and RelabelConsecutiveFilter removed: the
+    writer takes the labels of the model's grid (InstanceAxisRatioFilter's)."""
+    from lxml import etree
+
+    tree = etree.parse(path)
+    for it in tree.iter("item"):
+        name = it.findtext("name")
+        if name in ("ResampleImageFilter", "RelabelConsecutiveFilter"):
+            it.getparent().remove(it)
+        elif name == "ImageWriter":
+            it.find("input/image").set("item_id_ref", "item_0012")
+    out = tmp_path / "model_grid_labels.xml"
+    tree.write(str(out))
+    return str(out)
+
+
+@pytest.mark.parametrize("variant", ["model_grid", "no_resampling"])
+def test_empty_stack_blockwise_any_pipeline_shape(tmp_path, client, variant):
+    """A stack without cells gives empty labels blockwise whatever the pipeline does after the
+    estimate, as the whole-volume run: labels written on the model's grid (no ResampleImageFilter
+    back) and a pipeline without ResampleToModelScale (the network on the input grid)."""
+    pytest.importorskip("onnxruntime")
+    from lxml import etree
+
+    from c3dseg.io import write_image
+
+    src = str(tmp_path / "const.tif")
+    write_image(src, Image(np.full((16, 32, 32), 100, np.uint16), (1.0, 0.5, 0.5)))
+    pipe = _without_return_to_input_grid(_small_segment(tmp_path, patch=16), tmp_path)
+    if variant == "no_resampling":
+        tree = etree.parse(pipe)
+        for it in tree.iter("item"):
+            if it.findtext("name") == "ResampleToModelScale":
+                it.getparent().remove(it)
+            elif it.findtext("name") == "OnnxModel":
+                it.find("input/image").set("item_id_ref", "item_0002")
+        tree.write(pipe)
+    vol, opts = _blockwise(pipe, {0: src}, str(tmp_path / "bw.ome.zarr"), client, (16, 17, 17))
+    res = vol.read()
+    # the whole-volume run's labels: empty (tests/test_segment_pipeline.py), on the stand-in's grid
+    # or the input's
+    assert res.shape == ((16, 16, 16) if variant == "model_grid" else (16, 32, 32))
+    assert res.max() == 0

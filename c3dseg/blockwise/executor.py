@@ -96,6 +96,10 @@ class Env:
         self._runtimes = {tuple(self.shape): rt}
         self._plans: dict[tuple, BlockPlan] = {}
         self._stored: dict[int, tuple] = {}   # id(lazy value) -> (value, its stored copy)
+        #: run-level "the image has no cells" (EstimateCellDiameter or ResampleToModelScale found no
+        #: tissue): every label image the run writes is empty, as the whole-volume label filters
+        #: return, whatever steps lie between (meta does not survive every blockwise step)
+        self.no_cells = False
 
     def stored_copy(self, value):
         """The stored copy of ``value`` when one was materialised already, else ``value``."""
@@ -548,6 +552,8 @@ def _write_output(env: Env, o: Output, value, opts: BlockwiseOptions, target) ->
     (dt, lead), = env.probe([value]) if not (isinstance(value, Derived) and value.meta.get("dtype_fixed")) \
         else [(np.dtype(value.meta["dtype_fixed"]), value.meta.get("lead", ()))]
     is_label = bool(value.meta.get("is_label"))
+    if is_label and env.no_cells:
+        value, = env.node("func", [value], func=np.zeros_like, item_id=o.item_id, meta=dict(value.meta))
     shape = tuple(lead) + env.shape
     name = value.meta.get("basename") or os.path.basename(o.path)
     key = f"out-{o.item_id}-{o.kind}{o.number}"

@@ -123,6 +123,7 @@ def _estimate_cell_diameter(env, step, images, metas):
     d, regions, block_shape = estimate_diameter(env, v, channel=p["Channel"], max_voxels=p["MaxVoxels"],
                                                 name=f"{item}-diameter", model=model)
     empty = not math.isfinite(d)
+    env.no_cells = env.no_cells or empty
     if empty:
         log.warning("%s: no cells found (no tissue: constant or noise-only image); the segmentation "
                     "will be empty", name)
@@ -207,6 +208,7 @@ def _to_model_scale(env, step, images, metas):
 
     grid = flt.target_grid(in_shape, v.spacing, v.meta, v.meta.get("basename", item), estimate)
     if grid.no_cells:
+        env.no_cells = True
         return [_placeholder(env, v, item, grid)], []
     meta = dict(v.meta, cell_diameter_um=grid.diameter_um, input_shape=in_shape, input_spacing=tuple(v.spacing))
     out = resample_value(env, v, grid.shape, 1, grid.spacing, meta, item, cast=np.float32)
