@@ -55,7 +55,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .errors import InputError, ParameterError
-from .flows import FLOW_TYPES, cell_statistics, flows_for, iter_tanh_flows
+from .flows import FLOW_TYPES, flows_for, iter_tanh_flows
 from .labels import check_labels, label_dtype, label_sums, relabel_consecutive
 
 log = logging.getLogger("c3dseg")
@@ -279,10 +279,33 @@ def _channel(flows, c, sigma):
     return flows[c]
 
 
-def _step_map(flows, sigma, start, shape, step):
-    """Foreground index of the voxel each foreground voxel moves to in one step."""
+def _coords(lin, shape):
+    """(3, M) z, y, x coordinates of linear indices ``lin``, in the smallest fitting integer type
+    (computed once per tracking and shared by its step maps)."""
+    cdt = np.int16 if max(shape) < 2 ** 15 else (np.int32 if max(shape) < 2 ** 31 else np.int64)
+    out = np.empty((3, len(lin)), cdt)
+    for a in range(3):
+        out[a] = _axis_coord(lin, shape, a)
+    return out
+
+
+def _index_lut(start, shape):
+    """Voxel -> foreground index (-1 outside the foreground), one entry per voxel."""
+    ldt = start.dtype
+    lut = np.full(int(np.prod(shape, dtype=np.int64)), -1, dtype=ldt)
+    lut[start] = np.arange(len(start), dtype=ldt)
+    return lut
+
+
+def _step_map(flows, sigma, start, shape, step, *, coords=None, lut=None):
+    """Foreground index of the voxel each foreground voxel moves to in one step.
+
+    ``coords`` (:func:`_coords` of ``start``) and ``lut`` (:func:`_index_lut`) may be passed in
+    when several step maps of the same foreground are made."""
     M = len(start)
     ldt = start.dtype
+    if coords is None:
+        coords = _coords(start, shape)
     # the displacement -step * F of every foreground voxel (float16 is plenty to round)
     disp = np.empty((3, M), np.float16)
     for a in range(3):
@@ -303,22 +326,24 @@ def _step_map(flows, sigma, start, shape, step):
         disp[:, small] /= big[small]
     del big, small
     target = np.zeros(M, ldt)
+    coord = np.empty(M, np.float32)
+    ci = np.empty(M, ldt)
     for a in range(3):
-        coord = _axis_coord(start, shape, a).astype(np.float32)
+        coord[...] = coords[a]
         coord += disp[a]
         np.rint(coord, out=coord)
         np.clip(coord, 0, shape[a] - 1, out=coord)
-        ci = coord.astype(ldt)
-        del coord
-        ci *= int(np.prod(shape[a + 1:], dtype=np.int64))
+        ci[...] = coord
+        stride = int(np.prod(shape[a + 1:], dtype=np.int64))
+        if stride != 1:
+            ci *= stride
         target += ci
-        del ci
-    del disp
+    del disp, coord, ci
     # voxel -> foreground index; refused moves (target outside the mask) stay put
-    lut = np.full(int(np.prod(shape, dtype=np.int64)), -1, dtype=ldt)
-    lut[start] = np.arange(M, dtype=ldt)
-    nxt = lut[target]
-    del target, lut
+    if lut is None:
+        lut = _index_lut(start, shape)
+    nxt = lut.take(target)
+    del target
     own = np.flatnonzero(nxt < 0)
     nxt[own] = own.astype(ldt)
     return nxt
@@ -329,41 +354,54 @@ def _power(nxt, n):
     gathers; stops early once every point sits at a fixed point.  None for n = 0."""
     result = None
     power = nxt
+    fixed = None
     while n > 0:
         if n & 1:
-            result = power.copy() if result is None else power[result]
+            result = power.copy() if result is None else power.take(result)
         n >>= 1
         if n == 0:
             break
-        if np.array_equal(nxt[power], power):  # nothing moves any more after this many steps
-            result = power if result is None else power[result]
+        if fixed is None:
+            fixed = nxt == np.arange(len(nxt), dtype=nxt.dtype)
+        # nothing moves any more after this many steps when every point sits at a fixed point
+        # of nxt (a sample first: mostly that already says no)
+        if fixed.take(power[::64]).all() and fixed.take(power).all():
+            result = power if result is None else power.take(result)
             break
-        power = power[power]
+        power = power.take(power)
     return result
 
 
 def _track_nearest(flows, mask, start, step, n_iter, sigma, first_flows):
+    idx, _ = _track_nearest_index(flows, mask, start, step, n_iter, sigma, first_flows)
+    return start.copy() if idx is None else start.take(idx)
+
+
+def _track_nearest_index(flows, mask, start, step, n_iter, sigma, first_flows):
+    """Nearest-voxel tracking: the foreground index of every point's end voxel (None: nobody
+    moved) and the coordinates of ``start`` (None when not computed)."""
     shape = mask.shape
     M = len(start)
     if M == 0 or n_iter == 0:
-        return start.copy()
+        return None, None
+    coords = _coords(start, shape)
+    lut = _index_lut(start, shape)
+    kw = dict(coords=coords, lut=lut)
     result = None
     if first_flows is not None:
-        result = _step_map(first_flows, 0.0, start, shape, step)
+        result = _step_map(first_flows, 0.0, start, shape, step, **kw)
         n_iter -= 1
-    nxt = _step_map(flows, sigma, start, shape, step)
+    nxt = _step_map(flows, sigma, start, shape, step, **kw)
     p = _power(nxt, n_iter)
     del nxt
     if p is not None:
-        result = p if result is None else p[result]
+        result = p if result is None else p.take(result)
     del p
     if _SETTLE_STEPS and max(step) > 1:
         unit = tuple(s / max(step) for s in step)
-        p = _power(_step_map(flows, sigma, start, shape, unit), _SETTLE_STEPS)
-        result = p if result is None else p[result]
-    if result is None:
-        return start.copy()
-    return start[result]
+        p = _power(_step_map(flows, sigma, start, shape, unit, **kw), _SETTLE_STEPS)
+        result = p if result is None else p.take(result)
+    return result, coords
 
 
 def _sample_linear(chans, pos, shape):
@@ -454,16 +492,35 @@ def track(flows, mask, *, step: float = 4.0, n_iter: int = 100, interpolation: s
 # 3. sinks
 # ---------------------------------------------------------------------------------------------
 
-def _ball_offsets(radius: int) -> np.ndarray:
-    r = int(radius)
-    g = np.mgrid[-r:r + 1, -r:r + 1, -r:r + 1].reshape(3, -1)
-    return g[:, np.sum(g * g, axis=0) <= r * r]
-
-
-def _ball(radius: int) -> np.ndarray:
-    r = int(radius)
-    g = np.mgrid[-r:r + 1, -r:r + 1, -r:r + 1]
-    return np.sum(g * g, axis=0) <= r * r
+def _ball_dilation(occ, radius: int) -> np.ndarray:
+    """``occ`` dilated by the ball of ``radius`` (every voxel within that Euclidean distance of a
+    set voxel; outside the array nothing is set): the squared distance to the nearest set voxel,
+    capped at radius^2 + 1, as three 1D minimum passes over small integers (exact, and far
+    cheaper than a 3D structuring element)."""
+    R = int(radius)
+    cap = R * R + 1
+    dt = np.uint8 if 2 * cap < 256 else np.int32
+    g = np.where(occ, dt(0), dt(cap))
+    if R == 0:
+        return g == 0
+    tmp = np.empty_like(g)
+    for ax in (2, 1, 0):
+        n = g.shape[ax]
+        out = g.copy()
+        for d in range(1, min(R, n - 1) + 1):
+            lo = [slice(None)] * 3
+            hi = [slice(None)] * 3
+            lo[ax] = slice(0, n - d)
+            hi[ax] = slice(d, n)
+            lo, hi = tuple(lo), tuple(hi)
+            t = tmp[lo]
+            np.add(g[hi], dt(d * d), out=t)            # a set voxel d ahead
+            np.minimum(out[lo], t, out=out[lo])
+            np.add(g[lo], dt(d * d), out=t)            # a set voxel d behind
+            np.minimum(out[hi], t, out=out[hi])
+        np.minimum(out, dt(cap), out=out)
+        g = out
+    return g <= R * R
 
 
 def sink_map_reach(closing_radius: int) -> int:
@@ -512,14 +569,21 @@ def closed_end_map(points, shape, closing_radius: int = 1, *, lo=None, hi=None) 
     gshape = tuple(int(x) for x in ghi - glo)
     loc = pts - glo[:, None]
     if r > 0:
-        dil = np.zeros(gshape, bool)
-        top = np.asarray(gshape)[:, None]
-        for off in _ball_offsets(r + _MARK_RADIUS).T:
-            q = loc + off[:, None]
-            ok = np.all((q >= 0) & (q < top), axis=0)
-            dil[tuple(q[:, ok])] = True
-        occ = ndi.binary_erosion(dil, _ball(r), border_value=1)
+        # the end voxels marked as balls of radius r + 1 (a dilation), from the points within
+        # that distance of the grown box; then the erosion with the outside counting as occupied
+        R = r + _MARK_RADIUS
+        plo = np.maximum(glo - R, 0)
+        phi = np.minimum(ghi + R, np.asarray(shape))
+        near = np.all((pts >= plo[:, None]) & (pts < phi[:, None]), axis=0)
+        marks = np.zeros(tuple(int(x) for x in phi - plo), bool)
+        marks[tuple(pts[:, near] - plo[:, None])] = True
+        dil = _ball_dilation(marks, R)
+        del marks
+        dil = dil[tuple(slice(int(a), int(a + n)) for a, n in zip(glo - plo, gshape))]
+        np.logical_not(dil, out=dil)
+        occ = _ball_dilation(dil, r)
         del dil
+        np.logical_not(occ, out=occ)
     else:
         occ = np.zeros(gshape, bool)
     inside = np.all((pts >= lo[:, None]) & (pts < hi[:, None]), axis=0)
@@ -773,29 +837,46 @@ def filter_by_flow_error(labels, flows, *, max_error: float = 0.8, flow_type: st
     return _apply_keep(labels, err <= max_error)
 
 
+def _moment_sums(labels, top):
+    """Per-label voxel counts and coordinate sums up to second order, one z-slice at a time:
+    ``(10, top + 1)`` float64 rows n, z, y, x, zz, yy, xx, zy, zx, yx.  Every sum is an integer
+    (below 2^53), so it is exact whatever the order of summation."""
+    Z, Y, X = labels.shape
+    g = np.indices((Y, X), dtype=np.float64).reshape(2, -1)
+    w = (g[0], g[1], g[0] * g[0], g[1] * g[1], g[0] * g[1])          # y, x, yy, xx, yx
+    S = np.zeros((10, top + 1))
+    for z in range(Z):
+        lab = labels[z].reshape(-1).astype(np.intp)
+        c = np.bincount(lab, minlength=top + 1)
+        by, bx, byy, bxx, byx = (np.bincount(lab, wk, minlength=top + 1) for wk in w)
+        S[0] += c
+        S[1] += z * c
+        S[4] += z * z * c
+        S[2] += by
+        S[3] += bx
+        S[5] += byy
+        S[6] += bxx
+        S[9] += byx
+        S[7] += z * by
+        S[8] += z * bx
+    return S
+
+
 def axis_ratio_per_cell(labels):
     """Minor / major axis length of every cell from its second moments (voxels as unit cubes).
 
     Returns ``(ratio (top+1,), size (top+1,))`` indexed by label value; 1 for absent labels."""
     labels, top = _index_and_tables(labels)
-    shape = labels.shape
-    size = _label_sums(labels, top)
+    S = _moment_sums(labels, top)
+    size = S[0]
     n = np.maximum(size, 1)
-    mean = cell_statistics(labels, top)["centroid"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(size > 0, S[1:4] / n, 0.0)
     cov = np.zeros((top + 1, 3, 3))
-
-    def moment(a, b):
-        def w(z0, z1):
-            g = [np.arange(z0, z1, dtype=np.float64).reshape(-1, 1, 1),
-                 np.arange(shape[1], dtype=np.float64).reshape(1, -1, 1),
-                 np.arange(shape[2], dtype=np.float64).reshape(1, 1, -1)]
-            return np.broadcast_to(g[a] * g[b], (z1 - z0,) + shape[1:])
-        return w
-
-    for a in range(3):
-        for b in range(a, 3):
-            m = _label_sums(labels, top, moment(a, b)) / n
-            cov[:, a, b] = cov[:, b, a] = m - mean[a] * mean[b]
+    row = {(0, 0): 4, (1, 1): 5, (2, 2): 6, (0, 1): 7, (0, 2): 8, (1, 2): 9}
+    for (a, b), k in row.items():
+        m = S[k] / n
+        cov[:, a, b] = cov[:, b, a] = m - mean[a] * mean[b]
     cov[:, [0, 1, 2], [0, 1, 2]] += 1.0 / 12.0
     ev = np.linalg.eigvalsh(cov)
     ratio = np.sqrt(np.clip(ev[:, 0], 0, None) / np.maximum(ev[:, 2], 1e-12))
