@@ -64,10 +64,14 @@ def score(gt, pred):
     return r, np.asarray(dice, float)
 
 
-def timing(tmp, shape=(64, 256, 256)):
-    """Network time vs everything else, from c3d-run -v's per-item log lines."""
-    pairs = synth(os.path.join(tmp, "timing"), 1, "validation", shape)
-    img = pairs[0][0]
+def timing(tmp, shape=(64, 256, 256), img=None):
+    """Network time vs everything else, from c3d-run -v's per-item log lines (on ``img``, or on a
+    new validation stack of ``shape``)."""
+    if img is None:
+        img = synth(os.path.join(tmp, "timing"), 1, "validation", shape)[0][0]
+    else:
+        from c3dseg.io import read_image
+        shape = read_image(img).data.shape
     cmd = [sys.executable, "-m", "c3dseg.runner.cli", PIPELINES["tanh"], "-i", img, "-o",
            os.path.join(tmp, "timing_out.tif"), "--overwrite", "-v"]
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -85,6 +89,14 @@ def timing(tmp, shape=(64, 256, 256)):
     return shape, network, other, per_item
 
 
+def report_timing(tmp, img=None):
+    shape_t, net, other, items = timing(tmp, img=img)
+    print(f"\nend-to-end on a {'x'.join(map(str, shape_t))} stack: network (OnnxModel+TileMerger) {net:.1f} s, "
+          f"everything else {other:.1f} s = {100 * other / net:.0f}% of the network's time")
+    for k, v in items.items():
+        print(f"    {k}: {v:.2f} s")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=8, help="validation volumes")
@@ -94,7 +106,14 @@ def main():
     ap.add_argument("--json", default=None, help="also write the figures as JSON")
     ap.add_argument("--quick", action="store_true", help="2 + 1 volumes, no timing run")
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--timing-only", action="store_true", help="only the end-to-end timing run")
+    ap.add_argument("--timing-image", default=None,
+                    help="stack for the timing run (default: a new 64x256x256 validation stack; "
+                         "c3d-synth --preset validation -n 1 --shape 64,256,256 makes the same one)")
     a = ap.parse_args()
+    if a.timing_only:
+        report_timing(tempfile.mkdtemp(prefix="c3d_timing_"), a.timing_image)
+        return
     if a.quick:
         a.n, a.ood, a.no_timing = 2, 1, True
     shape = tuple(int(s) for s in a.shape.split(","))
@@ -165,11 +184,7 @@ def main():
             print("matplotlib not installed: no plot")
 
     if not a.no_timing:
-        shape_t, net, other, items = timing(tmp)
-        print(f"\nend-to-end on a {'x'.join(map(str, shape_t))} stack: network (OnnxModel+TileMerger) {net:.1f} s, "
-              f"everything else {other:.1f} s = {100 * other / net:.0f}% of the network's time")
-        for k, v in items.items():
-            print(f"    {k}: {v:.2f} s")
+        report_timing(tmp, a.timing_image)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
