@@ -266,4 +266,8 @@ def test_export_parity_metadata_and_cli(dataset, tmp_path):
     assert y.shape == (1, 4, 8, 12, 16)
     assert export_main([str(tmp_path / "run"), "-o", str(tmp_path / "h.onnx"), "--fp16", "-q"]) == 0
     assert (tmp_path / "h.onnx").is_file()
+    before = (tmp_path / "h.onnx").read_bytes()
+    assert export_main([str(tmp_path / "run"), "-o", str(tmp_path / "h.onnx"), "-q"]) == 1  # exists
+    assert (tmp_path / "h.onnx").read_bytes() == before
+    assert export_main([str(tmp_path / "run"), "-o", str(tmp_path / "h.onnx"), "--overwrite", "-q"]) == 0
     assert export_main([str(tmp_path / "missing.pt"), "-o", str(tmp_path / "x.onnx"), "-q"]) == 1

@@ -104,10 +104,14 @@ def export_main(argv=None) -> int:
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     parser.add_argument("--tolerance", type=float, help="largest accepted |onnxruntime - torch| "
                         "(default 1e-3, 2e-2 with --fp16)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("-q", "--quiet", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
+    if os.path.exists(args.output) and not args.overwrite:
+        print(f"error: {args.output}: the output exists; pass --overwrite to replace it", file=sys.stderr)
+        return 1
     try:
         from .export import export_onnx
 
