@@ -506,11 +506,11 @@ def _store_expensive(env: Env, item_id: str, imgs: list) -> list:
     """Inputs of a global step whose chain holds an expensive node (a network) are stored first, all
     in one pass (the network runs once per block for all of them), so that this step and later ones
     read them instead of predicting again per pass."""
-    from .reconstruction import _cheap
+    from .values import is_cheap
 
     todo, seen = [], set()
     for v in imgs:
-        if isinstance(v, Derived) and id(v) not in seen and not _cheap(v):
+        if isinstance(v, Derived) and id(v) not in seen and not is_cheap(v):
             seen.add(id(v))
             todo.append(v)
     if not todo:

@@ -46,7 +46,7 @@ import numpy as np
 from ..errors import ExecutionError, InputError, PipelineError
 from .components import global_labels, label_components_blockwise, load_table, save_table
 from .grid import Region
-from .values import Derived, RegionLeaf, Stored, evaluate
+from .values import Derived, RegionLeaf, Stored, evaluate, is_cheap
 
 log = logging.getLogger("c3dseg")
 
@@ -465,7 +465,7 @@ def cell_features(env, name: str, labels_value, ids, first, lo, hi, *, flows=Non
     save_table(owned_path, np.concatenate([ids[None], owners[None].astype(np.int64),
                                            np.asarray(lo, np.int64), np.asarray(hi, np.int64)]))
     if max_flow_error is not None:
-        flows = [v if _cheap(v) else env.materialise(v, f"{name}-flow{'zyx'[a]}") for a, v in enumerate(flows)]
+        flows = [v if is_cheap(v) else env.materialise(v, f"{name}-flow{'zyx'[a]}") for a, v in enumerate(flows)]
     owner_set = set(int(x) for x in np.unique(owners))
     blocks = [b for b in grid if grid.flat(b.index) in owner_set]
     # a group of cells is read as one box of at most ~2 grown blocks
@@ -540,25 +540,12 @@ def default_reach(step: float, n_iter: int, max_radius_voxels: float | None = No
     return max(2, min(r, cap))
 
 
-def _cheap(value) -> bool:
-    """Stored, or only pointwise functions over stored values (re-evaluating it is cheap)."""
-    from .values import nodes_of
-
-    return all(n.op == "func" and not any(n.halo) and not n.expensive and not _reads_values(n)
-               for n in nodes_of(value))
-
-
-def _reads_values(node) -> bool:
-    """A node that reads other values itself (kwargs holding lazy values, e.g. a tiled network)."""
-    return any(isinstance(v, (Stored, Derived)) for v in node.kwargs.values())
-
-
 def _materialise_inputs(env, name, flows, first, mask):
     """Store the tracking inputs (read over grown blocks, several times) in one pass; a mask that is
     a cheap function of stored images stays lazy."""
     values = list(flows) + (list(first) if first is not None else [])
     names = [f"{name}-flow{'zyx'[a]}" for a in range(3)] + [f"{name}-rawflow{'zyx'[a]}" for a in range(len(values) - 3)]
-    with_mask = not _cheap(mask)
+    with_mask = not is_cheap(mask)
     if with_mask:
         values.append(mask)
         names.append(f"{name}-mask")
