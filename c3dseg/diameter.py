@@ -94,7 +94,7 @@ REFINE_RECONSTRUCTION = {"fg_threshold": 0.5, "smoothing_sigma": 1.0, "step": 4.
                          "min_overlap": 0.2, "max_flow_error": 0.8, "min_axis_ratio": 0.1}
 
 
-def _central_block(data, max_voxels):
+def central_block(data, max_voxels):
     if data.size <= max_voxels:
         return data
     shape = np.array(data.shape, dtype=np.float64)
@@ -178,7 +178,7 @@ def estimate_cell_diameter(image, spacing=(1.0, 1.0, 1.0), *, max_voxels=4_000_0
     if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
         raise InputError(f"spacing must be 3 positive numbers (z, y, x) in um, got {spacing}")
     cal = CALIBRATION if calibration is None else float(calibration)
-    block = _central_block(data, int(max_voxels))
+    block = central_block(data, int(max_voxels))
     details = {"passes": [], "block_shape": tuple(block.shape), "downscale": 1, "structure": 0.0,
                "empty": True, "classical": float("nan")}
 
@@ -186,7 +186,7 @@ def estimate_cell_diameter(image, spacing=(1.0, 1.0, 1.0), *, max_voxels=4_000_0
         details["empty"] = not math.isfinite(value)
         return (value, details) if return_details else value
 
-    first = _central_block(block, PASS1_VOXELS)
+    first = central_block(block, PASS1_VOXELS)
     details["structure"] = structure = structure_to_noise(first, spacing)
     if not structure >= MIN_STRUCTURE:
         return done(float("nan"))
@@ -197,7 +197,7 @@ def estimate_cell_diameter(image, spacing=(1.0, 1.0, 1.0), *, max_voxels=4_000_0
     # pass 2: smoothing scaled to the first estimate, on a grid where cells are ~TARGET_VOXELS across
     f = max(1, int(med * cal / spacing[2] / TARGET_VOXELS))
     details["downscale"] = f
-    second = _central_block(_downscale_lateral(block, f), PASS2_VOXELS)
+    second = central_block(_downscale_lateral(block, f), PASS2_VOXELS)
     sp2 = (spacing[0], spacing[1] * f, spacing[2] * f)
     med2 = _measure(second, sp2, med, details["passes"])
     if math.isfinite(med2):

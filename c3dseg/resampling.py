@@ -37,6 +37,12 @@ def output_shape(shape: Sequence[int], spacing: Sequence[float], *,
     return tuple(out)
 
 
+def output_spacing(spacing: Sequence[float], in_shape: Sequence[int], out_shape: Sequence[int]
+                   ) -> tuple[float, ...]:
+    """The spacing of ``in_shape`` voxels resampled to ``out_shape`` over the same physical extent."""
+    return tuple(float(s) * n / m for s, n, m in zip(spacing, in_shape, out_shape))
+
+
 def resample(data: np.ndarray, spacing: Sequence[float], shape: Sequence[int], *,
              order: int = 1) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Resample ``data`` onto a grid of ``shape`` voxels covering the same physical extent.
@@ -60,7 +66,7 @@ def resample(data: np.ndarray, spacing: Sequence[float], shape: Sequence[int], *
     shape = tuple(int(m) for m in shape)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"output shape must be 3 positive ints, got {shape}")
-    new_spacing = tuple(float(s) * n / m for s, n, m in zip(spacing, spatial, shape))
+    new_spacing = output_spacing(spacing, spatial, shape)
     if data.dtype == np.float64 or data.dtype == np.float16:
         data = data.astype(np.float32)
     if data.dtype == np.bool_:

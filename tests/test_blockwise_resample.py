@@ -158,11 +158,11 @@ def test_cell_diameter_estimate_same_number(tmp_path, client, stack):
     and gives the whole-image number; the estimate reaches ResampleToModelScale (same model grid,
     identical resampled values)."""
     from c3dseg.blockwise.resample import central_box
-    from c3dseg.diameter import _central_block
+    from c3dseg.diameter import central_block
 
     path, image, spacing = stack
     lo, hi = central_box(image.shape, 32768)
-    assert np.array_equal(image[tuple(slice(a, b) for a, b in zip(lo, hi))], _central_block(image, 32768))
+    assert np.array_equal(image[tuple(slice(a, b) for a, b in zip(lo, hi))], central_block(image, 32768))
     assert np.prod(np.subtract(hi, lo)) < image.size
     pipe = _write(tmp_path, "diam",
                   item("item_0001", "ImageReader", [("cmd", 0)]),

@@ -31,9 +31,8 @@ import os
 import numpy as np
 
 from ..errors import InputError
-from ..filters.scale import _spacing_after
 from ..image import MetaTable
-from ..resampling import _out_dtype, output_shape, resample_box, source_box
+from ..resampling import _out_dtype, output_shape, output_spacing, resample_box, source_box
 from .globals import register_global
 from .values import Derived, Stored, evaluate, leaves
 
@@ -61,13 +60,13 @@ def with_meta(value, **updates):
 def central_box(shape, max_voxels: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The box ``[lo, hi)`` :func:`c3dseg.diameter.estimate_cell_diameter` measures in a volume of
     ``shape`` (its own choice of the central block, applied to index arrays that cost no memory)."""
-    from ..diameter import _central_block
+    from ..diameter import central_block
 
     shape = tuple(int(s) for s in shape)
     lo, hi = [], []
     for a in range(3):
         idx = np.arange(shape[a]).reshape([-1 if k == a else 1 for k in range(3)])
-        view = _central_block(np.broadcast_to(idx, shape), int(max_voxels))
+        view = central_block(np.broadcast_to(idx, shape), int(max_voxels))
         line = np.asarray(view[tuple(slice(None) if k == a else 0 for k in range(3))])
         lo.append(int(line[0]))
         hi.append(int(line[-1]) + 1)
@@ -257,7 +256,7 @@ def _resample_image(env, step, images, metas):
         # labels made on ResampleToModelScale's stand-in for an image without cells: none (as the
         # whole-image label filters return)
         img = env.node("func", [img], func=np.zeros_like, item_id=step.item.item_id, meta=dict(img.meta))[0]
-    spacing = tuple(ref.spacing) if ref is not None else _spacing_after(img.spacing, in_shape, shape)
+    spacing = tuple(ref.spacing) if ref is not None else output_spacing(img.spacing, in_shape, shape)
     out = resample_value(env, img, shape, 0 if mode == "nearest" else 1, spacing, dict(img.meta),
                          step.item.item_id)
     return [out], []

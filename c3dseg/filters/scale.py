@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
-from ..resampling import output_shape, resample
+from ..resampling import output_shape, output_spacing, resample
 from ..schemas import Param
 from .base import Filter, Port, register
 
@@ -51,11 +51,6 @@ def model_spacing(cell_diameter_um: float, model_diameter_vox: float) -> tuple[f
     """Isotropic spacing (um) on which cells ``cell_diameter_um`` across are ``model_diameter_vox`` voxels."""
     iso = float(cell_diameter_um) / float(model_diameter_vox)
     return (iso, iso, iso)
-
-
-def _spacing_after(spacing, in_shape, out_shape) -> tuple[float, float, float]:
-    """The output spacing of :func:`c3dseg.resampling.resample` (same physical extent)."""
-    return tuple(float(s) * n / m for s, n, m in zip(spacing, in_shape, out_shape))
 
 
 @dataclass(frozen=True)
@@ -131,7 +126,7 @@ class ResampleToModelScale(Filter):
                 log.info("%s: estimated median cell diameter %.2f um", name, estimated)
         if no_cells:
             shape = tuple(min(n, PLACEHOLDER_SIZE) for n in shape3d)
-            return ModelGrid(shape, _spacing_after(spacing, shape3d, shape), float("nan"), float("nan"), True)
+            return ModelGrid(shape, output_spacing(spacing, shape3d, shape), float("nan"), float("nan"), True)
         if diameter <= 0:
             diameter = float(estimated)
         elif (estimated is not None and math.isfinite(float(estimated))
@@ -151,7 +146,7 @@ class ResampleToModelScale(Filter):
         shape = output_shape(shape3d, spacing, new_spacing=target)
         log.info("%s: %s at %s um -> %s at %.3g um (cells %.3g um = %.3g voxels)", name, shape3d,
                  tuple(round(s, 4) for s in spacing), shape, target[0], diameter, d_vox)
-        return ModelGrid(tuple(shape), _spacing_after(spacing, shape3d, shape), float(diameter), float(d_vox), False)
+        return ModelGrid(tuple(shape), output_spacing(spacing, shape3d, shape), float(diameter), float(d_vox), False)
 
     def run(self, images, metas):
         img = images[0]
