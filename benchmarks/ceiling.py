@@ -2,7 +2,7 @@
 (foreground and flows, exactly as training makes them) reconstructed with the validation settings
 of a training config, and optionally a checkpoint's prediction beside them.
 
-    python benchmarks/ceiling.py [--config configs/tanh.yaml] [--n 4] [--checkpoint runs/tanh/last.pt]
+    python benchmarks/ceiling.py [--config configs/tanh.yaml] [--n 4] [--checkpoint runs/tanh/last.pt] [--swap]
 
 Prints AP@0.5 and mean per-cell Dice per volume for all ground-truth cells and for the interior
 ones (touching no face of the volume): a network cannot beat the ground-truth row, and the gap
@@ -30,6 +30,9 @@ def main():
     ap.add_argument("--config", default=os.path.join(os.path.dirname(HERE), "configs", "tanh.yaml"))
     ap.add_argument("--n", type=int, default=4, help="validation volumes of the config")
     ap.add_argument("--checkpoint", default=None, help="also score this checkpoint's prediction")
+    ap.add_argument("--swap", action="store_true",
+                    help="with --checkpoint, also reconstruct the network's foreground with the true flows and "
+                         "the true foreground with the network's flows (which output holds the error)")
     a = ap.parse_args()
 
     from c3dseg.training.data import data_summary, load_volumes
@@ -58,8 +61,12 @@ def main():
         t = v.targets.astype(np.float32)
         sources = [("ground truth", t)]
         if model is not None:
-            sources.append(("network", predict_torch(model, v.image, tile_size=cfg["validation"]["tile_size"],
-                                                     overlap=int(cfg["validation"]["overlap"]), device="cpu")))
+            net = predict_torch(model, v.image, tile_size=cfg["validation"]["tile_size"],
+                                overlap=int(cfg["validation"]["overlap"]), device="cpu")
+            sources.append(("network", net))
+            if a.swap:
+                sources.append(("network foreground + true flows", np.concatenate([net[:1], t[1:]])))
+                sources.append(("true foreground + network flows", np.concatenate([t[:1], net[1:]])))
         for name, pred in sources:
             r = evaluate(v.labels, reconstruct(pred[0], pred[1:], **kw))
             i, b = r["interior"], r["touching_border"]
