@@ -145,3 +145,15 @@ def test_list_and_describe(capsys):
     assert "Value (double, default 1.0; a number in [-100, 100])" in out and "WriteResult" in out
     assert main(["--describe", "TestAd"]) == 2
     assert "did you mean TestAdd" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, peak", [("-v", False), ("-vv", True)])
+def test_verbose_logs_item_times_and_vv_peak_memory(tmp_path, capsys, flag, peak):
+    """-v logs each item's time without tracing memory (tracemalloc slows the run);
+    -vv adds each item's peak memory."""
+    p = write_pipeline(tmp_path, *CHAIN)
+    np.save(tmp_path / "a.npy", np.zeros((2, 3, 4), np.float32))
+    assert main([p, "-i", str(tmp_path / "a.npy"), "-o", str(tmp_path / "r.tif"), flag]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "item_0002 TestAdd:" in line]
+    assert len(lines) == 1 and " s" in lines[0]
+    assert ("MiB allocated" in lines[0]) == peak

@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="limit threads for every item (default: all cores)")
     p.add_argument("--seed", type=int, default=None, help="random seed (XPIWIT --seed)")
     p.add_argument("--save-pipeline", metavar="FILE.xml", help="write the pipeline with the --set values applied")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="log each item's time and peak memory; "
-                                                                      "-vv debug; tracebacks on errors")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log each item's time; -vv also its peak "
+                                                                      "memory and debug messages; tracebacks on errors")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
     p.add_argument("--list-filters", action="store_true", help="list the registered filters and exit")
     p.add_argument("--describe", metavar="FILTER", help="describe a filter's ports and parameters and exit")
@@ -340,7 +340,7 @@ def _main(argv: list[str]) -> int:
         return run_blockwise_cli(args, plan, path, runs, target)
 
     opts = RunOptions(overwrite=args.overwrite, threads=args.threads, verbose=bool(args.verbose),
-                      progress=(not args.quiet) and sys.stderr.isatty(), seed=args.seed)
+                      trace_memory=args.verbose > 1, progress=(not args.quiet) and sys.stderr.isatty(), seed=args.seed)
     if args.seed is not None:
         import numpy as np
         np.random.seed(args.seed)

@@ -62,6 +62,7 @@ class RunOptions:
     threads: int = 0
     progress: bool = False
     verbose: bool = False
+    trace_memory: bool = False   # log each item's peak memory (tracemalloc: slows allocation-heavy items)
     seed: int | None = None
     protected: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
@@ -165,7 +166,7 @@ def execute(plan: Plan, inputs: dict[int, str], target: Target, opts: RunOptions
                                          file=plan.pipeline.name, item=it.item_id, filter=it.name)
             (images if r.kind == "image" else metas).append(value)
         t0 = time.perf_counter()
-        if opts.verbose:
+        if opts.trace_memory:
             tracemalloc.start()
         try:
             flt = step.cls(step.params, ctx)
@@ -179,7 +180,7 @@ def execute(plan: Plan, inputs: dict[int, str], target: Target, opts: RunOptions
                                  item=it.item_id, filter=it.name) from e
         finally:
             peak = None
-            if opts.verbose:
+            if opts.trace_memory:
                 peak = tracemalloc.get_traced_memory()[1]
                 tracemalloc.stop()
         dt = time.perf_counter() - t0
