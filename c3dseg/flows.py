@@ -245,16 +245,26 @@ def iter_tanh_flows(labels, scale="adaptive", spacing=None, *, out=None):
     _parse_scale(scale)
     _check_spacing(spacing)
     shape = labels.shape
-    index, n = _cell_index(labels)
-    if n == 0:
+    tables = tanh_flow_tables(labels, scale, spacing)
+    if tables is None:
         for a in range(3):
             f = out[a] if out is not None else np.empty(shape, np.float32)
             f[...] = 0
             yield a, f
         return
-    st = cell_statistics(index, n)
-    centroid, inv = tanh_tables(st, scale, spacing)
-    yield from iter_tanh_box(index, centroid, inv, out=out)
+    yield from iter_tanh_box(*tables, out=out)
+
+
+def tanh_flow_tables(labels, scale="adaptive", spacing=None):
+    """``(index, centroid, inv)`` for :func:`tanh_channel` over a whole label image (checked as
+    :func:`iter_tanh_flows` does); None when it holds no cell."""
+    labels = check_labels(labels)
+    _parse_scale(scale)
+    _check_spacing(spacing)
+    index, n = _cell_index(labels)
+    if n == 0:
+        return None
+    return (index,) + tanh_tables(cell_statistics(index, n), scale, spacing)
 
 
 def tanh_tables(stats: dict, scale="adaptive", spacing=None) -> tuple[np.ndarray, np.ndarray]:
@@ -276,13 +286,18 @@ def iter_tanh_box(index, centroid, inv, origin=(0, 0, 0), *, out=None):
 
     ``index`` addresses the tables (0 = background); ``origin`` is the box's first voxel in the
     volume: the flows are those of the whole volume over that box, to the last bit."""
-    shape = index.shape
     for a in range(3):
-        f = out[a] if out is not None else np.empty(shape, np.float32)
-        np.subtract(_grid(shape, a, int(origin[a])), centroid[a][index], out=f)  # p_a - c_a
-        np.multiply(f, inv[a][index], out=f)
-        np.tanh(f, out=f)
-        yield a, f
+        yield a, tanh_channel(index, centroid, inv, a, origin, out=None if out is None else out[a])
+
+
+def tanh_channel(index, centroid, inv, a, origin=(0, 0, 0), *, out=None):
+    """Channel ``a`` of :func:`iter_tanh_box` alone (float32, into ``out`` when given)."""
+    shape = index.shape
+    f = out if out is not None else np.empty(shape, np.float32)
+    np.subtract(_grid(shape, a, int(origin[a])), centroid[a][index], out=f)  # p_a - c_a
+    np.multiply(f, inv[a][index], out=f)
+    np.tanh(f, out=f)
+    return f
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .errors import InputError, ParameterError
-from .flows import FLOW_TYPES, flows_for, iter_tanh_flows
+from .flows import FLOW_TYPES, flows_for, tanh_channel, tanh_flow_tables
 from .labels import check_labels, label_dtype, label_sums, relabel_consecutive
 
 log = logging.getLogger("c3dseg")
@@ -145,7 +145,7 @@ def _check_positive(value, key, *, integer=False, allow_zero=False):
 # 1. smoothing and threshold
 # ---------------------------------------------------------------------------------------------
 
-def smooth_flows(flows, sigma: float = 1.0, *, out=None) -> np.ndarray:
+def smooth_flows(flows, sigma: float = 1.0, *, out=None, threads: int = 1) -> np.ndarray:
     """Gaussian smoothing of each flow channel (not across channels).
 
     Parameters
@@ -155,6 +155,9 @@ def smooth_flows(flows, sigma: float = 1.0, *, out=None) -> np.ndarray:
         Standard deviation in voxels (scalar or one per axis z, y, x); 0 copies.
     out : ndarray (3, Z, Y, X) float32, optional
         Destination; may be ``flows`` itself (in place).
+    threads : int
+        Channels smoothed at the same time (SciPy's filters release the GIL); the result does not
+        depend on it.
 
     Returns
     -------
@@ -166,11 +169,22 @@ def smooth_flows(flows, sigma: float = 1.0, *, out=None) -> np.ndarray:
         raise ParameterError(f"expected sigma >= 0, got {sigma!r}", key="sigma")
     if out is None:
         out = np.empty_like(flows)
-    for c in range(3):
+
+    def one(c):
         if np.all(sig == 0):
             out[c] = flows[c]
         else:
             ndi.gaussian_filter(flows[c], sig, output=out[c], mode="nearest")
+
+    threads = max(1, min(3, int(threads)))
+    if threads == 1:
+        for c in range(3):
+            one(c)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as ex:
+            list(ex.map(one, range(3)))
     return out
 
 
@@ -203,7 +217,8 @@ def _axis_coord(lin, shape, a):
 
 def track_voxels(flows, mask, *, step: float = 4.0, n_iter: int = 100,
                  interpolation: str = "nearest", sigma: float = 0.0,
-                 unsmoothed_first_step: bool = True, first_step_flows=None, spacing=None):
+                 unsmoothed_first_step: bool = True, first_step_flows=None, spacing=None,
+                 threads: int = 1):
     """Track the voxels of ``mask`` along ``flows``; the compact form of :func:`track`.
 
     Parameters
@@ -232,6 +247,8 @@ def track_voxels(flows, mask, *, step: float = 4.0, n_iter: int = 100,
         Voxel size (z, y, x).  When given, the step along axis ``a`` is
         ``step * min(spacing) / spacing[a]``: the step is measured in the finest voxel size, so
         points do not jump across cells that are only a few coarse slices thick.
+    threads : int
+        Threads for nearest-voxel tracking (at most 3 are used); the result does not depend on it.
 
     Returns
     -------
@@ -260,8 +277,9 @@ def track_voxels(flows, mask, *, step: float = 4.0, n_iter: int = 100,
                              f"the flows' {shape}")
     elif sigma > 0 and unsmoothed_first_step:
         first_step_flows = flows
-    track_fn = _track_nearest if interpolation == "nearest" else _track_linear
-    return start, track_fn(flows, mask, start, steps, n_iter, sigma, first_step_flows)
+    if interpolation == "nearest":
+        return start, _track_nearest(flows, mask, start, steps, n_iter, sigma, first_step_flows, threads)
+    return start, _track_linear(flows, mask, start, steps, n_iter, sigma, first_step_flows)
 
 
 def _axis_steps(step, spacing):
@@ -297,24 +315,24 @@ def _index_lut(start, shape):
     return lut
 
 
-def _step_map(flows, sigma, start, shape, step, *, coords=None, lut=None):
+def _step_map(flows, sigma, start, shape, step, *, coords=None, lut=None, mask=None):
     """Foreground index of the voxel each foreground voxel moves to in one step.
 
     ``coords`` (:func:`_coords` of ``start``) and ``lut`` (:func:`_index_lut`) may be passed in
-    when several step maps of the same foreground are made."""
+    when several step maps of the same foreground are made; ``mask`` (the foreground, whose
+    voxels are ``start``) makes the gathers faster."""
     M = len(start)
     ldt = start.dtype
     if coords is None:
         coords = _coords(start, shape)
-    # the displacement -step * F of every foreground voxel (float16 is plenty to round)
-    disp = np.empty((3, M), np.float16)
+    # the displacement -step * F of every foreground voxel
+    disp = np.empty((3, M), np.float32)
     for a in range(3):
-        ch = _channel(flows, a, sigma).reshape(-1)
-        f = ch[start]
+        ch = _channel(flows, a, sigma)
+        # a boolean gather is about twice as fast as an index gather
+        disp[a] = ch[mask] if mask is not None else ch.reshape(-1)[start]
         del ch
-        f *= np.float32(-step[a])
-        disp[a] = f
-        del f
+        disp[a] *= np.float32(-step[a])
     # a move shorter than half a voxel would round to no move and pin the point (e.g. on the
     # ridges between cells where smoothing cancels the flows): such moves are stretched so the
     # largest component is one voxel.  Only (near-)zero flows stay put.
@@ -325,24 +343,28 @@ def _step_map(flows, sigma, start, shape, step, *, coords=None, lut=None):
     if len(small):
         disp[:, small] /= big[small]
     del big, small
-    target = np.zeros(M, ldt)
-    coord = np.empty(M, np.float32)
-    ci = np.empty(M, ldt)
+    # the move in whole voxels (coordinates are integers: rounding the move rounds the
+    # position), kept inside the volume; the target's linear index is the start's plus the moves
+    np.rint(disp, out=disp)
+    target = start.copy()
+    # coordinate + move fits the coordinates' type for moves up to the volume's size
+    off = np.empty(M, coords.dtype if max(shape) < 2 ** 14 else np.int64)
     for a in range(3):
-        coord[...] = coords[a]
-        coord += disp[a]
-        np.rint(coord, out=coord)
-        np.clip(coord, 0, shape[a] - 1, out=coord)
-        ci[...] = coord
+        np.clip(disp[a], -shape[a], shape[a], out=disp[a])
+        off[...] = disp[a]
+        off += coords[a]
+        np.clip(off, 0, shape[a] - 1, out=off)
+        off -= coords[a]
         stride = int(np.prod(shape[a + 1:], dtype=np.int64))
-        if stride != 1:
-            ci *= stride
-        target += ci
-    del disp, coord, ci
+        if stride == 1:
+            target += off
+        else:
+            target += off.astype(ldt) * ldt.type(stride)
+    del disp, off
     # voxel -> foreground index; refused moves (target outside the mask) stay put
     if lut is None:
         lut = _index_lut(start, shape)
-    nxt = lut.take(target)
+    nxt = lut.take(target, mode="clip")
     del target
     own = np.flatnonzero(nxt < 0)
     nxt[own] = own.astype(ldt)
@@ -351,13 +373,16 @@ def _step_map(flows, sigma, start, shape, step, *, coords=None, lut=None):
 
 def _power(nxt, n):
     """``nxt`` applied ``n`` times (an index array), by pointer doubling: about 2 log2(n)
-    gathers; stops early once every point sits at a fixed point.  None for n = 0."""
+    gathers; stops early once every point sits at a fixed point.  None for n = 0.
+
+    The indices are valid by construction, so the gathers use ``mode="clip"``: NumPy's default
+    ``"raise"`` checks through a buffer and is about 3x slower on large arrays."""
     result = None
     power = nxt
     fixed = None
     while n > 0:
         if n & 1:
-            result = power.copy() if result is None else power.take(result)
+            result = power.copy() if result is None else power.take(result, mode="clip")
         n >>= 1
         if n == 0:
             break
@@ -365,42 +390,60 @@ def _power(nxt, n):
             fixed = nxt == np.arange(len(nxt), dtype=nxt.dtype)
         # nothing moves any more after this many steps when every point sits at a fixed point
         # of nxt (a sample first: mostly that already says no)
-        if fixed.take(power[::64]).all() and fixed.take(power).all():
-            result = power if result is None else power.take(result)
+        if fixed.take(power[::64], mode="clip").all() and fixed.take(power, mode="clip").all():
+            result = power if result is None else power.take(result, mode="clip")
             break
-        power = power.take(power)
+        power = power.take(power, mode="clip")
     return result
 
 
-def _track_nearest(flows, mask, start, step, n_iter, sigma, first_flows):
-    idx, _ = _track_nearest_index(flows, mask, start, step, n_iter, sigma, first_flows)
-    return start.copy() if idx is None else start.take(idx)
+def _track_nearest(flows, mask, start, step, n_iter, sigma, first_flows, threads=1):
+    idx, _ = _track_nearest_index(flows, mask, start, step, n_iter, sigma, first_flows, threads)
+    return start.copy() if idx is None else start.take(idx, mode="clip")
 
 
-def _track_nearest_index(flows, mask, start, step, n_iter, sigma, first_flows):
+def _track_nearest_index(flows, mask, start, step, n_iter, sigma, first_flows, threads=1):
     """Nearest-voxel tracking: the foreground index of every point's end voxel (None: nobody
-    moved) and the coordinates of ``start`` (None when not computed)."""
+    moved) and the coordinates of ``start`` (None when not computed).
+
+    The walk is up to three maps applied in turn, each a step map raised to a power: the first
+    step on ``first_flows`` (once), the step on ``flows`` (``n_iter`` times, one fewer after a
+    first step), the unit step (``_SETTLE_STEPS`` times).  They do not depend on each other, so
+    with ``threads`` > 1 they are made side by side (NumPy releases the GIL); the result does
+    not depend on ``threads``."""
     shape = mask.shape
     M = len(start)
     if M == 0 or n_iter == 0:
         return None, None
     coords = _coords(start, shape)
     lut = _index_lut(start, shape)
-    kw = dict(coords=coords, lut=lut)
-    result = None
+    kw = dict(coords=coords, lut=lut, mask=mask)
+    jobs = []   # (flows, sigma, step, power), applied in this order
     if first_flows is not None:
-        result = _step_map(first_flows, 0.0, start, shape, step, **kw)
+        jobs.append((first_flows, 0.0, step, 1))
         n_iter -= 1
-    nxt = _step_map(flows, sigma, start, shape, step, **kw)
-    p = _power(nxt, n_iter)
-    del nxt
-    if p is not None:
-        result = p if result is None else p.take(result)
-    del p
+    jobs.append((flows, sigma, step, n_iter))
     if _SETTLE_STEPS and max(step) > 1:
-        unit = tuple(s / max(step) for s in step)
-        p = _power(_step_map(flows, sigma, start, shape, unit, **kw), _SETTLE_STEPS)
-        result = p if result is None else p.take(result)
+        jobs.append((flows, sigma, tuple(s / max(step) for s in step), _SETTLE_STEPS))
+
+    def walk(job):
+        f, sg, st, n = job
+        if n == 0:
+            return None
+        return _power(_step_map(f, sg, start, shape, st, **kw), n)
+
+    threads = max(1, min(len(jobs), int(threads)))
+    if threads == 1:
+        maps = [walk(job) for job in jobs]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as ex:
+            maps = list(ex.map(walk, jobs))
+    result = None
+    for p in maps:
+        if p is not None:
+            result = p if result is None else p.take(result, mode="clip")
     return result, coords
 
 
@@ -458,7 +501,7 @@ def _track_linear(flows, mask, start, step, n_iter, sigma, first_flows):
 
 def track(flows, mask, *, step: float = 4.0, n_iter: int = 100, interpolation: str = "nearest",
           sigma: float = 0.0, unsmoothed_first_step: bool = True,
-          first_step_flows=None, spacing=None) -> np.ndarray:
+          first_step_flows=None, spacing=None, threads: int = 1) -> np.ndarray:
     """Move every voxel of ``mask`` along the flow field and return where each one ends.
 
     Parameters
@@ -467,7 +510,7 @@ def track(flows, mask, *, step: float = 4.0, n_iter: int = 100, interpolation: s
         Flows along z, y, x pointing away from the cell centres.
     mask : ndarray (Z, Y, X) bool
         Foreground: the voxels that move.
-    step, n_iter, interpolation, sigma, unsmoothed_first_step, first_step_flows, spacing :
+    step, n_iter, interpolation, sigma, unsmoothed_first_step, first_step_flows, spacing, threads :
         See :func:`track_voxels` (paper: step 4, 100 iterations).
 
     Returns
@@ -479,7 +522,7 @@ def track(flows, mask, *, step: float = 4.0, n_iter: int = 100, interpolation: s
     start, end = track_voxels(flows, mask, step=step, n_iter=n_iter,
                               interpolation=interpolation, sigma=sigma,
                               unsmoothed_first_step=unsmoothed_first_step,
-                              first_step_flows=first_step_flows, spacing=spacing)
+                              first_step_flows=first_step_flows, spacing=spacing, threads=threads)
     shape = np.asarray(flows).shape[1:]
     ends = np.full((3,) + tuple(shape), np.nan, np.float32)
     for a in range(3):
@@ -685,11 +728,13 @@ def cluster_sinks(ends, mask=None, *, closing_radius: int = 1, fully_connected: 
         if e.ndim != 4 or e.shape[0] != 3:
             raise InputError(f"end points: expected shape (3, Z, Y, X), got {e.shape}")
         shape = e.shape[1:]
-        valid = np.all(np.isfinite(e), axis=0)
+        valid = np.isfinite(e[0])
+        valid &= np.isfinite(e[1])
+        valid &= np.isfinite(e[2])
         if mask is not None:
             valid &= _check_mask(mask, shape)
         start = np.flatnonzero(valid)
-        pts = np.stack([e[a].reshape(-1)[start] for a in range(3)])
+        pts = np.stack([e[a][valid] for a in range(3)])
         for a in range(3):
             np.clip(pts[a], 0, shape[a] - 1, out=pts[a])
     else:
@@ -785,11 +830,12 @@ def _label_sums(labels, n, weights=None):
 
 
 def flow_error_per_cell(labels, flows, *, flow_type: str = "tanh", flow_scale="adaptive",
-                        spacing=None):
+                        spacing=None, threads: int = 1):
     """Mean absolute error per cell between ``flows`` and the flows recomputed from ``labels``.
 
     Per voxel, ``e = (|F_z - R_z| + |F_y - R_y| + |F_x - R_x|) / 3``; averaged over each cell's
-    voxels.  tanh flows are recomputed one channel at a time.
+    voxels.  tanh flows are recomputed one channel at a time, ``threads`` channels at once (each
+    thread holds one channel).
 
     Returns
     -------
@@ -802,13 +848,26 @@ def flow_error_per_cell(labels, flows, *, flow_type: str = "tanh", flow_scale="a
         raise InputError(f"flows: shape {flows.shape[1:]} differs from the labels' {labels.shape}")
     if flow_type not in FLOW_TYPES:
         raise ParameterError(f"expected one of {'|'.join(FLOW_TYPES)}, got {flow_type!r}", key="flow_type")
+    size = _label_sums(labels, top).astype(np.int64)
     if flow_type == "tanh":
-        err = np.zeros(labels.shape, np.float32)
-        for a, ref in iter_tanh_flows(labels, flow_scale, spacing):
+        tables = tanh_flow_tables(labels, flow_scale, spacing)
+
+        def channel_sums(a):
+            # |F_a - R_a| summed per cell (R_a = 0 without cells)
+            ref = np.zeros(labels.shape, np.float32) if tables is None else tanh_channel(*tables, a)
             np.subtract(flows[a], ref, out=ref)
             np.abs(ref, out=ref)
-            err += ref
-            del ref
+            return label_sums(labels, top, ref).astype(np.float64)
+
+        threads = max(1, min(3, int(threads)))
+        if threads == 1:
+            parts = [channel_sums(a) for a in range(3)]
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(threads) as ex:
+                parts = list(ex.map(channel_sums, range(3)))
+        total = (parts[0] + parts[1] + parts[2]) / 3.0
     else:
         # a loose tolerance: directions within a few degrees are plenty for a 0.8 threshold
         ref = flows_for(labels, flow_type, tol=_FLOW_ERROR_HEAT_TOL, refine=0)
@@ -817,23 +876,20 @@ def flow_error_per_cell(labels, flows, *, flow_type: str = "tanh", flow_scale="a
             np.abs(ref[a], out=ref[a])
         ref[0] += ref[1]
         ref[0] += ref[2]
-        err = ref[0]
+        total = _label_sums(labels, top, ref[0]) / 3.0
         del ref
-    size = _label_sums(labels, top).astype(np.int64)
-    total = _label_sums(labels, top, err) / 3.0
-    del err
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(size > 0, total / np.maximum(size, 1), 0.0)
     return mean, size
 
 
 def filter_by_flow_error(labels, flows, *, max_error: float = 0.8, flow_type: str = "tanh",
-                         flow_scale="adaptive", spacing=None):
+                         flow_scale="adaptive", spacing=None, threads: int = 1):
     """Remove cells whose flows, recomputed from the cell with the same flow type, differ from
     the predicted ``flows`` by a mean absolute error above ``max_error`` (paper: 0.8)."""
     labels = check_labels(labels)
     err, _ = flow_error_per_cell(labels, flows, flow_type=flow_type, flow_scale=flow_scale,
-                                 spacing=spacing)
+                                 spacing=spacing, threads=threads)
     return _apply_keep(labels, err <= max_error)
 
 

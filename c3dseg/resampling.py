@@ -44,7 +44,7 @@ def output_spacing(spacing: Sequence[float], in_shape: Sequence[int], out_shape:
 
 
 def resample(data: np.ndarray, spacing: Sequence[float], shape: Sequence[int], *,
-             order: int = 1) -> tuple[np.ndarray, tuple[float, float, float]]:
+             order: int = 1, threads: int = 1) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Resample ``data`` onto a grid of ``shape`` voxels covering the same physical extent.
 
     Parameters
@@ -55,6 +55,9 @@ def resample(data: np.ndarray, spacing: Sequence[float], shape: Sequence[int], *
     order : int
         0 nearest neighbour (labels: values are copied, never blended), 1 linear (default),
         3 cubic.
+    threads : int
+        Slabs of output planes computed at the same time (orders 0 and 1); the result does not
+        depend on it.
 
     Returns
     -------
@@ -77,12 +80,24 @@ def resample(data: np.ndarray, spacing: Sequence[float], shape: Sequence[int], *
         # our own separable interpolation (also used block by block: identical values either way)
         out = np.empty(data.shape[:-3] + shape, _out_dtype(data.dtype))
         step = max(1, int(_SLAB_VOXELS // max(1, int(np.prod(spatial[1:])))))
-        for z0 in range(0, shape[0], step):
+
+        def slab(z0):
             z1 = min(shape[0], z0 + step)
             lo, hi = source_box(spatial, shape, (z0, 0, 0), (z1,) + shape[1:], order)
             src = data[(Ellipsis,) + tuple(slice(a, b) for a, b in zip(lo, hi))]
             part = resample_box(src, lo, spatial, shape, (z0, 0, 0), (z1,) + shape[1:], order)
             out[(Ellipsis, slice(z0, z1), slice(None), slice(None))] = part
+
+        starts = range(0, shape[0], step)
+        threads = max(1, min(len(starts), int(threads)))
+        if threads == 1:
+            for z0 in starts:
+                slab(z0)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(threads) as ex:
+                list(ex.map(slab, starts))
         return out, new_spacing
     zoom = (1.0,) * (data.ndim - 3) + tuple(m / n for m, n in zip(shape, spatial))
     out = ndimage.zoom(data, zoom, order=order, mode="nearest", grid_mode=True,

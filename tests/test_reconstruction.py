@@ -120,18 +120,78 @@ def _naive_nearest(flows, mask, step, n_iter, sigma, raw_first):
     return start[cur]
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("n_iter", [0, 1, 2, 7, 100, 129])
-def test_pointer_doubling_equals_naive_iteration(n_iter):
+def test_pointer_doubling_equals_naive_iteration(n_iter, threads):
     rng = np.random.default_rng(n_iter)
     flows = rng.normal(0, 0.7, (3, 9, 10, 11)).astype(np.float32)
     mask = rng.random((9, 10, 11)) > 0.2
     for sigma, raw in ((0.0, False), (1.0, True)):
         _, end = track_voxels(flows, mask, step=3.0, n_iter=n_iter, sigma=sigma,
-                              unsmoothed_first_step=raw)
+                              unsmoothed_first_step=raw, threads=threads)
         if n_iter == 0:
             np.testing.assert_array_equal(end, np.flatnonzero(mask))
             continue
         np.testing.assert_array_equal(end, _naive_nearest(flows, mask, 3.0, n_iter, sigma, raw))
+
+
+def test_step_map_mask_gather_and_rounding():
+    """The boolean-mask gather gives the same map as the index gather, and a move rounds like
+    the position it leads to (moves clipped at the volume faces)."""
+    rng = np.random.default_rng(3)
+    flows = rng.normal(0, 1.0, (3, 6, 7, 8)).astype(np.float32)
+    mask = rng.random((6, 7, 8)) > 0.3
+    start = np.flatnonzero(mask).astype(np.int32)
+    a = _step_map(flows, 0.0, start, mask.shape, (2.0, 2.0, 2.0))
+    b = _step_map(flows, 0.0, start, mask.shape, (2.0, 2.0, 2.0), mask=mask)
+    np.testing.assert_array_equal(a, b)
+    # the same map, one point at a time
+    lut = np.full(mask.size, -1)
+    lut[start] = np.arange(len(start))
+    for k in rng.choice(len(start), 40, replace=False):
+        p = np.array(np.unravel_index(start[k], mask.shape), float)
+        d = -2.0 * flows[(slice(None),) + tuple(p.astype(int))].astype(np.float64)
+        big = np.abs(d).max()
+        if 1e-4 * 2.0 < big < 0.5:
+            d = d / big
+        q = np.clip(p + np.rint(d), 0, np.array(mask.shape) - 1).astype(int)
+        j = lut[np.ravel_multi_index(tuple(q), mask.shape)]
+        assert a[k] == (k if j < 0 else j)
+
+
+def test_threads_do_not_change_results():
+    from c3dseg.resampling import resample
+
+    lab = voronoi_labels((20, 24, 28), 12, seed=5)
+    pred = labels_to_prediction(lab, "tanh")
+    rng = np.random.default_rng(0)
+    flows = np.clip(pred[1:] + rng.normal(0, 0.3, pred[1:].shape).astype(np.float32), -1, 1)
+    np.testing.assert_array_equal(smooth_flows(flows, 1.0), smooth_flows(flows, 1.0, threads=3))
+    mask = pred[0] > 0.5
+    e1 = track(flows, mask, sigma=1.0, threads=1)
+    e3 = track(flows, mask, sigma=1.0, threads=3)
+    np.testing.assert_array_equal(e1, e3)
+    err1, n1 = flow_error_per_cell(lab, flows, threads=1)
+    err3, n3 = flow_error_per_cell(lab, flows, threads=3)
+    np.testing.assert_allclose(err1, err3, rtol=1e-12)
+    np.testing.assert_array_equal(n1, n3)
+    img = rng.random((20, 24, 28)).astype(np.float32)
+    r1, _ = resample(img, (2.0, 1.0, 1.0), (150, 30, 20), threads=1)
+    r2, _ = resample(img, (2.0, 1.0, 1.0), (150, 30, 20), threads=2)
+    np.testing.assert_array_equal(r1, r2)
+
+
+def test_flow_filters_read_tile_merger_planes_without_a_copy():
+    from c3dseg.filters.instances import _planes_view
+
+    base = np.zeros((4, 3, 4, 5), np.float32)
+    view = _planes_view([base[1], base[2], base[3]])
+    assert view is not None and np.shares_memory(view, base) and view.shape == (3, 3, 4, 5)
+    assert _planes_view([base[0], base[1], base[2]]) is not None
+    assert _planes_view([base[1], base[3], base[2]]) is None            # not in order
+    assert _planes_view([base[1], base[2], base[3].copy()]) is None     # not one array
+    assert _planes_view([base[1, :, :2], base[2, :, :2], base[3, :, :2]]) is None
+    assert _planes_view([base[1].astype(np.float64)] * 3) is None
 
 
 def test_track_moves_only_foreground_and_stays_inside():

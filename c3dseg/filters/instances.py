@@ -109,13 +109,41 @@ def _vol(self, img, what):
     return img.data
 
 
-def _flows(self, imgs, what="flows"):
+def _flows(self, imgs, what="flows", *, copy=True):
+    """The three flow channels as one (3, Z, Y, X) float32 array.  ``copy=False`` (for filters
+    that only read them) returns a view when the channels are consecutive planes of one array,
+    as TileMerger and FlowSmoothingFilter give them: no 3-channel copy per filter."""
     data = [_vol(self, im, f"{what} ({ax})") for im, ax in zip(imgs, "zyx")]
     shapes = {d.shape for d in data}
     if len(shapes) > 1:
         raise InputError(f"{what}: the three channels have different shapes {sorted(shapes)}",
                          item=self.ctx.item_id or None, filter=self.name)
+    if not copy:
+        view = _planes_view(data)
+        if view is not None:
+            return view
     return np.stack([np.asarray(d, np.float32) for d in data])
+
+
+def _planes_view(data):
+    """``base[i:i + 3]`` when ``data`` are the float32 planes ``base[i]``, ``base[i + 1]``,
+    ``base[i + 2]`` of one 4D array; else None."""
+    base = data[0].base
+    if not isinstance(base, np.ndarray) or base.ndim != 4 or base.dtype != np.float32:
+        return None
+    ptr = [d.__array_interface__["data"][0] for d in data]
+    b0 = base.__array_interface__["data"][0]
+    step = base.strides[0]
+    if step <= 0 or (ptr[0] - b0) % step:
+        return None
+    i = (ptr[0] - b0) // step
+    if i < 0 or i + 3 > base.shape[0]:
+        return None
+    view = base[i:i + 3]
+    if all(d.base is base and d.dtype == np.float32 and d.shape == view.shape[1:] and d.strides == view.strides[1:]
+           and p == view[k].__array_interface__["data"][0] for k, (d, p) in enumerate(zip(data, ptr))):
+        return view
+    return None
 
 
 def _labels_out(img, labels):
@@ -171,7 +199,7 @@ class FlowSmoothingFilter(Filter):
             if flows.shape[1:] != fg.shape:
                 raise InputError(f"flows: shape {flows.shape[1:]} differs from the foreground's {fg.shape}")
             mask = foreground_mask(fg, self.p["ForegroundThreshold"])
-            sm = smooth_flows(flows, self.p["Sigma"])
+            sm = smooth_flows(flows, self.p["Sigma"], out=flows, threads=self.threads())
         except C3DError as e:
             raise _err(self, e)
         ref = images[0]
@@ -205,17 +233,18 @@ class FlowTrackingFilter(Filter):
     def run(self, images, metas):
         try:
             mask = _vol(self, images[0], "mask")
-            flows = _flows(self, images[1:4])
+            flows = _flows(self, images[1:4], copy=False)
             raw = None
             extra = [im for im in images[4:7] if im is not None] if len(images) > 4 else []
             if extra:
                 if len(extra) != 3:
                     raise InputError("unsmoothed flows: give all three of inputs 5-7 or none")
-                raw = _flows(self, images[4:7], "unsmoothed flows")
+                raw = _flows(self, images[4:7], "unsmoothed flows", copy=False)
             ends = track(flows, mask, step=self.p["StepSize"], n_iter=self.p["NumIterations"],
                          interpolation=self.p["Interpolation"], sigma=self.p["SmoothingSigma"],
                          first_step_flows=raw,
-                         spacing=images[1].spacing if self.p["UseImageSpacing"] else None)
+                         spacing=images[1].spacing if self.p["UseImageSpacing"] else None,
+                         threads=self.threads())
         except C3DError as e:
             raise _err(self, e)
         return [images[0].derive(ends, is_label=False, channel_names=["end_z", "end_y", "end_x"],
@@ -313,10 +342,11 @@ class InstanceFlowErrorFilter(_LabelFilter):
         if self.p["MaxFlowError"] < 0:
             return [_labels_out(images[0], labels.copy())], []
         try:
-            flows = _flows(self, images[1:4])
+            flows = _flows(self, images[1:4], copy=False)
             out = filter_by_flow_error(labels, flows, max_error=self.p["MaxFlowError"],
                                        flow_type=self.p["FlowType"],
-                                       flow_scale=parse_flow_scale(self.p["FlowScale"]))
+                                       flow_scale=parse_flow_scale(self.p["FlowScale"]),
+                                       threads=self.threads())
         except C3DError as e:
             raise _err(self, e)
         return [_labels_out(images[0], out)], []

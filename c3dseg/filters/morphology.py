@@ -150,7 +150,8 @@ class ResampleImageFilter(Filter):
         mode = self.p["Interpolation"]
         if mode == "auto":
             mode = "nearest" if (img.meta.get("is_label") or img.data.dtype.kind in "iub") else "linear"
-        out, new_spacing = resample(img.data, img.spacing, shape, order=0 if mode == "nearest" else 1)
+        out, new_spacing = resample(img.data, img.spacing, shape, order=0 if mode == "nearest" else 1,
+                                    threads=self.threads())
         if ref is not None:
             new_spacing = tuple(ref.spacing)
         return [Image(out, new_spacing, dict(img.meta))], []

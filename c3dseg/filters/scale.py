@@ -159,7 +159,8 @@ class ResampleToModelScale(Filter):
         grid = self.target_grid(img.shape3d, img.spacing, img.meta, img.basename, estimate)
         if grid.no_cells:
             return [self._placeholder(img, grid)], []
-        data, spacing = resample(np.asarray(img.data, np.float32), img.spacing, grid.shape, order=1)
+        data, spacing = resample(np.asarray(img.data, np.float32), img.spacing, grid.shape, order=1,
+                                 threads=self.threads())
         out = img.derive(data, cell_diameter_um=grid.diameter_um, input_shape=img.shape3d, input_spacing=img.spacing)
         out.spacing = tuple(spacing)
         return [out], []
