@@ -57,6 +57,7 @@ from scipy import ndimage as ndi
 from .errors import InputError, ParameterError
 from .flows import FLOW_TYPES, flows_for, tanh_channel, tanh_flow_tables
 from .labels import check_labels, label_dtype, label_sums, relabel_consecutive
+from .parallel import run_jobs, z_slabs
 
 log = logging.getLogger("c3dseg")
 
@@ -169,22 +170,30 @@ def smooth_flows(flows, sigma: float = 1.0, *, out=None, threads: int = 1) -> np
         raise ParameterError(f"expected sigma >= 0, got {sigma!r}", key="sigma")
     if out is None:
         out = np.empty_like(flows)
-
-    def one(c):
-        if np.all(sig == 0):
-            out[c] = flows[c]
-        else:
-            ndi.gaussian_filter(flows[c], sig, output=out[c], mode="nearest")
-
-    threads = max(1, min(3, int(threads)))
+    if np.all(sig == 0):
+        if out is not flows:
+            out[...] = flows
+        return out
+    threads = max(1, int(threads))
     if threads == 1:
         for c in range(3):
-            one(c)
-    else:
-        from concurrent.futures import ThreadPoolExecutor
+            ndi.gaussian_filter(flows[c], sig, output=out[c], mode="nearest")
+        return out
+    # jobs of one channel over a z-slab, read with the kernel's reach around it (SciPy's radius
+    # int(4 sigma + 0.5)): the same values as the whole channel, in balanced parts.  Every job
+    # has read its input before the parts are written (so out may be flows).
+    reach = int(4.0 * float(sig[0]) + 0.5)
+    Z = flows.shape[1]
 
-        with ThreadPoolExecutor(threads) as ex:
-            list(ex.map(one, range(3)))
+    def job(j):
+        c, (z0, z1) = j
+        a, b = max(0, z0 - reach), min(Z, z1 + reach)
+        return ndi.gaussian_filter(flows[c, a:b], sig, mode="nearest", output=np.float32)[z0 - a:z1 - a]
+
+    jobs = [(c, zz) for c in range(3) for zz in z_slabs(Z, threads)]
+    parts = run_jobs(job, jobs, threads)
+    for (c, (z0, z1)), part in zip(jobs, parts):
+        out[c, z0:z1] = part
     return out
 
 
@@ -258,6 +267,19 @@ def track_voxels(flows, mask, *, step: float = 4.0, n_iter: int = 100,
         With ``"nearest"``: linear indices of the end voxels.  With ``"linear"``: float32 end
         coordinates (z, y, x).
     """
+    start, mask, how, res = _track_checked(flows, mask, step, n_iter, interpolation, sigma,
+                                           unsmoothed_first_step, first_step_flows, spacing, threads)
+    if how == "nearest":
+        idx, _ = res
+        return start, (start.copy() if idx is None else start.take(idx, mode="clip"))
+    return start, res
+
+
+def _track_checked(flows, mask, step, n_iter, interpolation, sigma, unsmoothed_first_step,
+                   first_step_flows, spacing, threads):
+    """:func:`track_voxels` after its checks: ``(start, mask, interpolation, result)``, the
+    result being ``(index, coords)`` of :func:`_track_nearest_index` or the linear tracker's
+    end coordinates."""
     flows = _check_flows(flows)
     shape = flows.shape[1:]
     mask = _check_mask(mask, shape)
@@ -278,8 +300,10 @@ def track_voxels(flows, mask, *, step: float = 4.0, n_iter: int = 100,
     elif sigma > 0 and unsmoothed_first_step:
         first_step_flows = flows
     if interpolation == "nearest":
-        return start, _track_nearest(flows, mask, start, steps, n_iter, sigma, first_step_flows, threads)
-    return start, _track_linear(flows, mask, start, steps, n_iter, sigma, first_step_flows)
+        return start, mask, interpolation, _track_nearest_index(flows, mask, start, steps, n_iter, sigma,
+                                                                first_step_flows, threads)
+    return start, mask, interpolation, _track_linear(flows, mask, start, steps, n_iter, sigma,
+                                                     first_step_flows)
 
 
 def _axis_steps(step, spacing):
@@ -339,9 +363,14 @@ def _step_map(flows, sigma, start, shape, step, *, coords=None, lut=None, mask=N
     big = np.abs(disp[0])
     np.maximum(big, np.abs(disp[1]), out=big)
     np.maximum(big, np.abs(disp[2]), out=big)
-    small = np.flatnonzero((big < 0.5) & (big > _MIN_FLOW * max(step)))
-    if len(small):
-        disp[:, small] /= big[small]
+    small = big < 0.5
+    small &= big > _MIN_FLOW * max(step)
+    if small.any():
+        # a scale per point (1 for most): far cheaper than gathering and scattering the points
+        scale = np.ones(M, np.float32)
+        np.divide(np.float32(1), big, out=scale, where=small)
+        disp *= scale
+        del scale
     del big, small
     # the move in whole voxels (coordinates are integers: rounding the move rounds the
     # position), kept inside the volume; the target's linear index is the start's plus the moves
@@ -397,11 +426,6 @@ def _power(nxt, n):
     return result
 
 
-def _track_nearest(flows, mask, start, step, n_iter, sigma, first_flows, threads=1):
-    idx, _ = _track_nearest_index(flows, mask, start, step, n_iter, sigma, first_flows, threads)
-    return start.copy() if idx is None else start.take(idx, mode="clip")
-
-
 def _track_nearest_index(flows, mask, start, step, n_iter, sigma, first_flows, threads=1):
     """Nearest-voxel tracking: the foreground index of every point's end voxel (None: nobody
     moved) and the coordinates of ``start`` (None when not computed).
@@ -432,14 +456,7 @@ def _track_nearest_index(flows, mask, start, step, n_iter, sigma, first_flows, t
             return None
         return _power(_step_map(f, sg, start, shape, st, **kw), n)
 
-    threads = max(1, min(len(jobs), int(threads)))
-    if threads == 1:
-        maps = [walk(job) for job in jobs]
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(threads) as ex:
-            maps = list(ex.map(walk, jobs))
+    maps = run_jobs(walk, jobs, threads)
     result = None
     for p in maps:
         if p is not None:
@@ -519,15 +536,19 @@ def track(flows, mask, *, step: float = 4.0, n_iter: int = 100, interpolation: s
         End position (z, y, x, in voxels) of every tracked voxel; NaN outside the mask.  This is
         what the tracking filter passes to the closing filter.
     """
-    start, end = track_voxels(flows, mask, step=step, n_iter=n_iter,
-                              interpolation=interpolation, sigma=sigma,
-                              unsmoothed_first_step=unsmoothed_first_step,
-                              first_step_flows=first_step_flows, spacing=spacing, threads=threads)
-    shape = np.asarray(flows).shape[1:]
-    ends = np.full((3,) + tuple(shape), np.nan, np.float32)
-    for a in range(3):
-        e = _axis_coord(end, shape, a) if end.ndim == 1 else end[a]
-        ends[a].reshape(-1)[start] = e
+    start, mask, how, res = _track_checked(flows, mask, step, n_iter, interpolation, sigma,
+                                           unsmoothed_first_step, first_step_flows, spacing, threads)
+    ends = np.full((3,) + mask.shape, np.nan, np.float32)
+    if how == "nearest":
+        idx, coords = res
+        if coords is None:
+            coords = _coords(start, mask.shape)
+        for a in range(3):
+            # the end voxel's coordinates: those of the start voxel it is (boolean scatter: C order)
+            ends[a][mask] = coords[a] if idx is None else coords[a].take(idx, mode="clip")
+    else:
+        for a in range(3):
+            ends[a][mask] = res[a]
     return ends
 
 
@@ -535,12 +556,21 @@ def track(flows, mask, *, step: float = 4.0, n_iter: int = 100, interpolation: s
 # 3. sinks
 # ---------------------------------------------------------------------------------------------
 
-def _ball_dilation(occ, radius: int) -> np.ndarray:
+def _ball_dilation(occ, radius: int, threads: int = 1) -> np.ndarray:
     """``occ`` dilated by the ball of ``radius`` (every voxel within that Euclidean distance of a
     set voxel; outside the array nothing is set): the squared distance to the nearest set voxel,
     capped at radius^2 + 1, as three 1D minimum passes over small integers (exact, and far
-    cheaper than a 3D structuring element)."""
+    cheaper than a 3D structuring element).  With ``threads`` > 1, z-slabs read with ``radius``
+    planes around them are dilated side by side (the same result)."""
     R = int(radius)
+    Z = occ.shape[0]
+    if threads > 1 and R > 0 and Z > 4 * R:
+        def slab(zz):
+            z0, z1 = zz
+            a, b = max(0, z0 - R), min(Z, z1 + R)
+            return _ball_dilation(occ[a:b], R)[z0 - a:z1 - a]
+
+        return np.concatenate(run_jobs(slab, z_slabs(Z, threads), threads))
     cap = R * R + 1
     dt = np.uint8 if 2 * cap < 256 else np.int32
     g = np.where(occ, dt(0), dt(cap))
@@ -576,7 +606,8 @@ def sink_map_reach(closing_radius: int) -> int:
     return 2 * r + _MARK_RADIUS if r > 0 else 0
 
 
-def closed_end_map(points, shape, closing_radius: int = 1, *, lo=None, hi=None) -> np.ndarray:
+def closed_end_map(points, shape, closing_radius: int = 1, *, lo=None, hi=None,
+                   threads: int = 1) -> np.ndarray:
     """The closed occupancy map of end voxels, whose connected components are the sinks.
 
     Every end voxel marks a ball of radius 1 (see the module docstring); the map is closed with a
@@ -596,6 +627,8 @@ def closed_end_map(points, shape, closing_radius: int = 1, *, lo=None, hi=None) 
         equals that box of the whole volume's map when ``points`` holds every end voxel within
         :func:`sink_map_reach` of the box (others are ignored); the work is done on the box grown
         by ``closing_radius``.
+    threads : int
+        Threads for the dilations (the same result).
 
     Returns
     -------
@@ -620,11 +653,11 @@ def closed_end_map(points, shape, closing_radius: int = 1, *, lo=None, hi=None) 
         near = np.all((pts >= plo[:, None]) & (pts < phi[:, None]), axis=0)
         marks = np.zeros(tuple(int(x) for x in phi - plo), bool)
         marks[tuple(pts[:, near] - plo[:, None])] = True
-        dil = _ball_dilation(marks, R)
+        dil = _ball_dilation(marks, R, threads)
         del marks
         dil = dil[tuple(slice(int(a), int(a + n)) for a, n in zip(glo - plo, gshape))]
         np.logical_not(dil, out=dil)
-        occ = _ball_dilation(dil, r)
+        occ = _ball_dilation(dil, r, threads)
         del dil
         np.logical_not(occ, out=occ)
     else:
@@ -635,7 +668,8 @@ def closed_end_map(points, shape, closing_radius: int = 1, *, lo=None, hi=None) 
     return occ[crop]
 
 
-def sink_labels(end_points, shape, *, closing_radius: int = 1, fully_connected: bool = True):
+def sink_labels(end_points, shape, *, closing_radius: int = 1, fully_connected: bool = True,
+                threads: int = 1):
     """Cluster end points into sinks.
 
     Every point marks a ball of radius 1 (see the module docstring); the map is closed with a
@@ -654,6 +688,8 @@ def sink_labels(end_points, shape, *, closing_radius: int = 1, fully_connected: 
         themselves).  Default 1, not the paper's 3: see :data:`CLOSING_RADIUS_NOTE`.
     fully_connected : bool
         26-connected components (else 6-connected).
+    threads : int
+        Threads for the closing (the same result).
 
     Returns
     -------
@@ -684,7 +720,7 @@ def sink_labels(end_points, shape, *, closing_radius: int = 1, fully_connected: 
         # the distinct end voxels (from the map: no sort of the K points), marked and closed
         uc = np.stack(np.unravel_index(np.flatnonzero(occ), shape)).astype(np.int64)
         del occ
-        occ = closed_end_map(uc, shape, r)
+        occ = closed_end_map(uc, shape, r, threads=threads)
         del uc
     structure = np.ones((3, 3, 3), bool) if fully_connected else ndi.generate_binary_structure(3, 1)
     comp, _ = ndi.label(occ, structure)
@@ -701,7 +737,7 @@ def sink_labels(end_points, shape, *, closing_radius: int = 1, fully_connected: 
 
 
 def cluster_sinks(ends, mask=None, *, closing_radius: int = 1, fully_connected: bool = True,
-                  start=None, shape=None) -> np.ndarray:
+                  start=None, shape=None, threads: int = 1) -> np.ndarray:
     """Labels from end points: close the occupancy map, label it, give each voxel its sink.
 
     Parameters
@@ -718,6 +754,8 @@ def cluster_sinks(ends, mask=None, *, closing_radius: int = 1, fully_connected: 
     start, shape :
         The compact form: ``start`` linear indices and ``ends`` (M,) linear indices or (3, M)
         coordinates.
+    threads : int
+        Threads for the closing (the same result).
 
     Returns
     -------
@@ -746,7 +784,7 @@ def cluster_sinks(ends, mask=None, *, closing_radius: int = 1, fully_connected: 
         _warn_empty()
         return np.zeros(shape, np.uint16)
     point_labels, n = sink_labels(pts, shape, closing_radius=closing_radius,
-                                  fully_connected=fully_connected)
+                                  fully_connected=fully_connected, threads=threads)
     out = np.zeros(shape, label_dtype(n))
     out.reshape(-1)[start] = point_labels
     return out
@@ -834,8 +872,8 @@ def flow_error_per_cell(labels, flows, *, flow_type: str = "tanh", flow_scale="a
     """Mean absolute error per cell between ``flows`` and the flows recomputed from ``labels``.
 
     Per voxel, ``e = (|F_z - R_z| + |F_y - R_y| + |F_x - R_x|) / 3``; averaged over each cell's
-    voxels.  tanh flows are recomputed one channel at a time, ``threads`` channels at once (each
-    thread holds one channel).
+    voxels.  tanh flows are recomputed one channel at a time, in z-slabs on ``threads`` threads
+    (each holds one channel of its slab).
 
     Returns
     -------
@@ -852,22 +890,20 @@ def flow_error_per_cell(labels, flows, *, flow_type: str = "tanh", flow_scale="a
     if flow_type == "tanh":
         tables = tanh_flow_tables(labels, flow_scale, spacing)
 
-        def channel_sums(a):
-            # |F_a - R_a| summed per cell (R_a = 0 without cells)
-            ref = np.zeros(labels.shape, np.float32) if tables is None else tanh_channel(*tables, a)
-            np.subtract(flows[a], ref, out=ref)
+        def slab_sums(j):
+            # |F_a - R_a| over a z-slab, summed per cell (R_a = 0 without cells)
+            a, (z0, z1) = j
+            lab = labels[z0:z1]
+            if tables is None:
+                ref = np.zeros(lab.shape, np.float32)
+            else:
+                ref = tanh_channel(tables[0][z0:z1], tables[1], tables[2], a, (z0, 0, 0))
+            np.subtract(flows[a, z0:z1], ref, out=ref)
             np.abs(ref, out=ref)
-            return label_sums(labels, top, ref).astype(np.float64)
+            return label_sums(lab, top, ref)
 
-        threads = max(1, min(3, int(threads)))
-        if threads == 1:
-            parts = [channel_sums(a) for a in range(3)]
-        else:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(threads) as ex:
-                parts = list(ex.map(channel_sums, range(3)))
-        total = (parts[0] + parts[1] + parts[2]) / 3.0
+        jobs = [(a, zz) for a in range(3) for zz in z_slabs(labels.shape[0], max(1, int(threads)))]
+        total = np.sum(run_jobs(slab_sums, jobs, threads), axis=0) / 3.0
     else:
         # a loose tolerance: directions within a few degrees are plenty for a 0.8 threshold
         ref = flows_for(labels, flow_type, tol=_FLOW_ERROR_HEAT_TOL, refine=0)

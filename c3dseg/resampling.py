@@ -14,6 +14,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from .parallel import run_jobs
+
 __all__ = ["output_shape", "resample", "source_index", "source_box", "resample_box"]
 
 
@@ -88,16 +90,7 @@ def resample(data: np.ndarray, spacing: Sequence[float], shape: Sequence[int], *
             part = resample_box(src, lo, spatial, shape, (z0, 0, 0), (z1,) + shape[1:], order)
             out[(Ellipsis, slice(z0, z1), slice(None), slice(None))] = part
 
-        starts = range(0, shape[0], step)
-        threads = max(1, min(len(starts), int(threads)))
-        if threads == 1:
-            for z0 in starts:
-                slab(z0)
-        else:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(threads) as ex:
-                list(ex.map(slab, starts))
+        run_jobs(slab, range(0, shape[0], step), threads)
         return out, new_spacing
     zoom = (1.0,) * (data.ndim - 3) + tuple(m / n for m, n in zip(shape, spatial))
     out = ndimage.zoom(data, zoom, order=order, mode="nearest", grid_mode=True,

@@ -166,11 +166,24 @@ def test_threads_do_not_change_results():
     pred = labels_to_prediction(lab, "tanh")
     rng = np.random.default_rng(0)
     flows = np.clip(pred[1:] + rng.normal(0, 0.3, pred[1:].shape).astype(np.float32), -1, 1)
-    np.testing.assert_array_equal(smooth_flows(flows, 1.0), smooth_flows(flows, 1.0, threads=3))
+    ref = smooth_flows(flows, 1.0)
+    np.testing.assert_array_equal(ref, smooth_flows(flows, 1.0, threads=3))
+    np.testing.assert_array_equal(smooth_flows(flows, (2.0, 1.0, 0.5)),
+                                  smooth_flows(flows, (2.0, 1.0, 0.5), threads=4))
+    inplace = flows.copy()
+    smooth_flows(inplace, 1.0, out=inplace, threads=2)
+    np.testing.assert_array_equal(ref, inplace)
     mask = pred[0] > 0.5
     e1 = track(flows, mask, sigma=1.0, threads=1)
     e3 = track(flows, mask, sigma=1.0, threads=3)
     np.testing.assert_array_equal(e1, e3)
+    from c3dseg.reconstruction import _ball_dilation
+    occ = rng.random((40, 9, 11)) > 0.97
+    for r in (1, 2, 4):
+        np.testing.assert_array_equal(_ball_dilation(occ, r), _ball_dilation(occ, r, threads=3))
+    for r in (1, 3):
+        np.testing.assert_array_equal(cluster_sinks(e1, closing_radius=r),
+                                      cluster_sinks(e1, closing_radius=r, threads=3))
     err1, n1 = flow_error_per_cell(lab, flows, threads=1)
     err3, n3 = flow_error_per_cell(lab, flows, threads=3)
     np.testing.assert_allclose(err1, err3, rtol=1e-12)

@@ -273,7 +273,7 @@ class SinkClusteringFilter(Filter):
                              item=self.ctx.item_id or None, filter=self.name)
         try:
             labels = cluster_sinks(img.data, closing_radius=self.p["ClosingRadius"],
-                                   fully_connected=self.p["FullyConnected"])
+                                   fully_connected=self.p["FullyConnected"], threads=self.threads())
         except C3DError as e:
             raise _err(self, e)
         return [_labels_out(img, labels)], []
