@@ -11,7 +11,8 @@
    diameter from the same estimate).
 3. Prints mean per-cell Dice (as in the paper), AP@0.5/0.75, F1 and AJI per volume and pooled, says
    on how many volumes each model beats the baseline, and writes a box plot of per-cell Dice.
-4. Times the whole pipeline on a 64x256x256 stack and prints the share of everything but the network.
+4. Times the whole pipeline on a 64x256x256 stack (median of 3 runs) and prints the share of
+   everything but the network.
 """
 
 from __future__ import annotations
@@ -112,12 +113,23 @@ def timing(tmp, shape=(64, 256, 256), img=None):
     return shape, network, other, per_item
 
 
-def report_timing(tmp, img=None):
-    shape_t, net, other, items = timing(tmp, img=img)
-    print(f"\nend-to-end on a {'x'.join(map(str, shape_t))} stack: network (OnnxModel+TileMerger) {net:.1f} s, "
-          f"everything else {other:.1f} s = {100 * other / net:.0f}% of the network's time")
-    for k, v in items.items():
-        print(f"    {k}: {v:.2f} s")
+def report_timing(tmp, img=None, repeat=3):
+    """The timing run ``repeat`` times (the first also makes the stack); medians per item, of the
+    network's time and of the rest's (run-to-run spread on a shared 2-core machine is ~10%)."""
+    runs = []
+    for k in range(max(1, repeat)):
+        runs.append(timing(tmp, img=img))
+        if img is None:
+            img = os.path.join(tmp, "timing", "images", os.listdir(os.path.join(tmp, "timing", "images"))[0])
+    shape_t = runs[0][0]
+    net = float(np.median([r[1] for r in runs]))
+    other = float(np.median([r[2] for r in runs]))
+    ratios = [100 * r[2] / r[1] for r in runs]
+    print(f"\nend-to-end on a {'x'.join(map(str, shape_t))} stack, median of {len(runs)} runs: network "
+          f"(OnnxModel+TileMerger) {net:.1f} s, everything else {other:.1f} s = {100 * other / net:.0f}% of the "
+          f"network's time (runs: {', '.join(f'{x:.0f}%' for x in ratios)})")
+    for k in runs[0][3]:
+        print(f"    {k}: {np.median([r[3].get(k, np.nan) for r in runs]):.2f} s")
 
 
 def main():
@@ -130,12 +142,13 @@ def main():
     ap.add_argument("--quick", action="store_true", help="2 + 1 volumes, no timing run")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--timing-only", action="store_true", help="only the end-to-end timing run")
+    ap.add_argument("--timing-repeat", type=int, default=3, help="timing runs (medians are printed)")
     ap.add_argument("--timing-image", default=None,
                     help="stack for the timing run (default: a new 64x256x256 validation stack; "
                          "c3d-synth --preset validation -n 1 --shape 64,256,256 makes the same one)")
     a = ap.parse_args()
     if a.timing_only:
-        report_timing(tempfile.mkdtemp(prefix="c3d_timing_"), a.timing_image)
+        report_timing(tempfile.mkdtemp(prefix="c3d_timing_"), a.timing_image, a.timing_repeat)
         return
     if a.quick:
         a.n, a.ood, a.no_timing = 2, 1, True
@@ -203,7 +216,7 @@ def main():
             print("matplotlib not installed: no plot")
 
     if not a.no_timing:
-        report_timing(tmp, a.timing_image)
+        report_timing(tmp, a.timing_image, a.timing_repeat)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

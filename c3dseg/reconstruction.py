@@ -179,21 +179,35 @@ def smooth_flows(flows, sigma: float = 1.0, *, out=None, threads: int = 1) -> np
         for c in range(3):
             ndi.gaussian_filter(flows[c], sig, output=out[c], mode="nearest")
         return out
-    # jobs of one channel over a z-slab, read with the kernel's reach around it (SciPy's radius
-    # int(4 sigma + 0.5)): the same values as the whole channel, in balanced parts.  Every job
-    # has read its input before the parts are written (so out may be flows).
+    # jobs of one channel over a z-slab: the z pass reads the kernel's reach around the slab
+    # (SciPy's radius int(4 sigma + 0.5)) into a scratch slab, the y and x passes write the
+    # slab of ``out``; the same passes, in the same float32 steps, as gaussian_filter over the
+    # whole channel.  All z passes run before any slab is written (so out may be flows).
     reach = int(4.0 * float(sig[0]) + 0.5)
     Z = flows.shape[1]
+    jobs = [(c, zz) for c in range(3) for zz in z_slabs(Z, threads)]
 
-    def job(j):
+    def z_pass(j):
         c, (z0, z1) = j
         a, b = max(0, z0 - reach), min(Z, z1 + reach)
-        return ndi.gaussian_filter(flows[c, a:b], sig, mode="nearest", output=np.float32)[z0 - a:z1 - a]
+        if sig[0] == 0:
+            return flows[c, z0:z1].copy()
+        return ndi.gaussian_filter1d(flows[c, a:b], float(sig[0]), axis=0, mode="nearest",
+                                     output=np.float32)[z0 - a:z1 - a]
 
-    jobs = [(c, zz) for c in range(3) for zz in z_slabs(Z, threads)]
-    parts = run_jobs(job, jobs, threads)
-    for (c, (z0, z1)), part in zip(jobs, parts):
-        out[c, z0:z1] = part
+    def yx_pass(j, part):
+        c, (z0, z1) = j
+        o = out[c, z0:z1]
+        src = part
+        for ax in (1, 2):
+            if sig[ax] > 0:
+                ndi.gaussian_filter1d(src, float(sig[ax]), axis=ax, mode="nearest", output=o)
+                src = o
+        if src is part:
+            o[...] = part
+
+    parts = run_jobs(z_pass, jobs, threads)
+    run_jobs(lambda k: yx_pass(jobs[k], parts[k]), range(len(jobs)), threads)
     return out
 
 
@@ -929,37 +943,42 @@ def filter_by_flow_error(labels, flows, *, max_error: float = 0.8, flow_type: st
     return _apply_keep(labels, err <= max_error)
 
 
-def _moment_sums(labels, top):
-    """Per-label voxel counts and coordinate sums up to second order, one z-slice at a time:
-    ``(10, top + 1)`` float64 rows n, z, y, x, zz, yy, xx, zy, zx, yx.  Every sum is an integer
-    (below 2^53), so it is exact whatever the order of summation."""
+def _moment_sums(labels, top, threads: int = 1):
+    """Per-label voxel counts and coordinate sums up to second order, one z-slice at a time
+    (z-slabs on ``threads`` threads): ``(10, top + 1)`` float64 rows n, z, y, x, zz, yy, xx, zy,
+    zx, yx.  Every sum is an integer (below 2^53), so it is exact whatever the order of
+    summation."""
     Z, Y, X = labels.shape
     g = np.indices((Y, X), dtype=np.float64).reshape(2, -1)
     w = (g[0], g[1], g[0] * g[0], g[1] * g[1], g[0] * g[1])          # y, x, yy, xx, yx
-    S = np.zeros((10, top + 1))
-    for z in range(Z):
-        lab = labels[z].reshape(-1).astype(np.intp)
-        c = np.bincount(lab, minlength=top + 1)
-        by, bx, byy, bxx, byx = (np.bincount(lab, wk, minlength=top + 1) for wk in w)
-        S[0] += c
-        S[1] += z * c
-        S[4] += z * z * c
-        S[2] += by
-        S[3] += bx
-        S[5] += byy
-        S[6] += bxx
-        S[9] += byx
-        S[7] += z * by
-        S[8] += z * bx
-    return S
+
+    def slab(zz):
+        S = np.zeros((10, top + 1))
+        for z in range(*zz):
+            lab = labels[z].reshape(-1).astype(np.intp)
+            c = np.bincount(lab, minlength=top + 1)
+            by, bx, byy, bxx, byx = (np.bincount(lab, wk, minlength=top + 1) for wk in w)
+            S[0] += c
+            S[1] += z * c
+            S[4] += z * z * c
+            S[2] += by
+            S[3] += bx
+            S[5] += byy
+            S[6] += bxx
+            S[9] += byx
+            S[7] += z * by
+            S[8] += z * bx
+        return S
+
+    return np.sum(run_jobs(slab, z_slabs(Z, max(1, int(threads))), threads), axis=0)
 
 
-def axis_ratio_per_cell(labels):
+def axis_ratio_per_cell(labels, threads: int = 1):
     """Minor / major axis length of every cell from its second moments (voxels as unit cubes).
 
     Returns ``(ratio (top+1,), size (top+1,))`` indexed by label value; 1 for absent labels."""
     labels, top = _index_and_tables(labels)
-    S = _moment_sums(labels, top)
+    S = _moment_sums(labels, top, threads)
     size = S[0]
     n = np.maximum(size, 1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -976,10 +995,10 @@ def axis_ratio_per_cell(labels):
     return ratio, size.astype(np.int64)
 
 
-def filter_by_axis_ratio(labels, *, min_ratio: float = 0.1):
+def filter_by_axis_ratio(labels, *, min_ratio: float = 0.1, threads: int = 1):
     """Remove cells whose minor / major axis ratio is below ``min_ratio`` (reference code: 0.1)."""
     labels = check_labels(labels)
-    ratio, _ = axis_ratio_per_cell(labels)
+    ratio, _ = axis_ratio_per_cell(labels, threads)
     return _apply_keep(labels, ratio >= min_ratio)
 
 

@@ -184,6 +184,10 @@ def test_threads_do_not_change_results():
     for r in (1, 3):
         np.testing.assert_array_equal(cluster_sinks(e1, closing_radius=r),
                                       cluster_sinks(e1, closing_radius=r, threads=3))
+    r1, s1 = axis_ratio_per_cell(lab)
+    r3, s3 = axis_ratio_per_cell(lab, threads=3)
+    np.testing.assert_array_equal(r1, r3)
+    np.testing.assert_array_equal(s1, s3)
     err1, n1 = flow_error_per_cell(lab, flows, threads=1)
     err3, n3 = flow_error_per_cell(lab, flows, threads=3)
     np.testing.assert_allclose(err1, err3, rtol=1e-12)

@@ -195,11 +195,11 @@ class FlowSmoothingFilter(Filter):
     def run(self, images, metas):
         try:
             fg = _vol(self, images[0], "foreground")
-            flows = _flows(self, images[1:4])
+            flows = _flows(self, images[1:4], copy=False)
             if flows.shape[1:] != fg.shape:
                 raise InputError(f"flows: shape {flows.shape[1:]} differs from the foreground's {fg.shape}")
             mask = foreground_mask(fg, self.p["ForegroundThreshold"])
-            sm = smooth_flows(flows, self.p["Sigma"], out=flows, threads=self.threads())
+            sm = smooth_flows(flows, self.p["Sigma"], threads=self.threads())
         except C3DError as e:
             raise _err(self, e)
         ref = images[0]
@@ -361,7 +361,8 @@ class InstanceAxisRatioFilter(_LabelFilter):
 
     def run(self, images, metas):
         labels = self._labels(images[0])
-        return [_labels_out(images[0], filter_by_axis_ratio(labels, min_ratio=self.p["MinAxisRatio"]))], []
+        return [_labels_out(images[0], filter_by_axis_ratio(labels, min_ratio=self.p["MinAxisRatio"],
+                                                            threads=self.threads()))], []
 
 
 @register
