@@ -261,6 +261,10 @@ def test_export_parity_metadata_and_cli(dataset, tmp_path):
                 "normalization", "norm_percentiles", "c3dseg_version", "opset", "size_divisor"):
         assert md.get(key), key
     assert md["channels"] == "foreground,flow_z,flow_y,flow_x" and md["patch_size"] == "16,16,16"
+    # last.pt was validated at its final step 2: its own score, and the run's best beside it
+    state = load_checkpoint(str(tmp_path / "run" / "last.pt"))["state"]
+    assert state["validated_step"] == 2 and md["validation_score"] == f"{state['score']:.4f}"
+    assert md["best_validation_score"] == f"{state['best']:.4f}" and md["best_validation_step"] == "2"
     assert net.size_divisor == 4
     y = net(np.random.default_rng(0).random((1, 1, 8, 12, 16), dtype=np.float32))
     assert y.shape == (1, 4, 8, 12, 16)

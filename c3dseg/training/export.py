@@ -94,10 +94,19 @@ def metadata_from_checkpoint(ck: dict, opset: int) -> dict[str, str]:
         "opset": str(opset),
         "model_config": json.dumps(net_cfg, sort_keys=True),
         "training_steps": str(state.get("step", "")),
-        "validation_score": "" if state.get("best") is None else f"{state['best']:.4f}",
+        # the exported weights' own in-training validation score (empty when they were not scored
+        # at their step, e.g. a checkpoint between validations), and the run's best so far
+        "validation_score": _score_text(state.get("score") if state.get("validated_step") == state.get("step")
+                                        else None),
+        "best_validation_score": _score_text(state.get("best")),
+        "best_validation_step": "" if state.get("best_step") is None else str(state["best_step"]),
         "training_cells": str(info.get("n_cells", "")),
     }
     return meta
+
+
+def _score_text(score) -> str:
+    return "" if score is None else f"{float(score):.4f}"
 
 
 def export_onnx(checkpoint, path: str, *, opset: int = DEFAULT_OPSET, fp16: bool = False, tol: float | None = None,

@@ -746,6 +746,7 @@ def _validate_and_keep(model, val_volumes, cfg, device, amp, summary, state, csv
     score = _score(m, cfg["validation"]["select"])
     improved = score is not None and (state["best"] is None or score > state["best"])
     state["validated_step"] = state["step"]
+    state["score"] = None if score is None else float(score)   # this step's, for the export metadata
     if improved:
         state["best"], state["best_step"] = float(score), state["step"]
     csvlog.write(step=state["step"], elapsed_s=state["elapsed_s"], lr=lr, **m)
