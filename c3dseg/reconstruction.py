@@ -157,8 +157,8 @@ def smooth_flows(flows, sigma: float = 1.0, *, out=None, threads: int = 1) -> np
     out : ndarray (3, Z, Y, X) float32, optional
         Destination; may be ``flows`` itself (in place).
     threads : int
-        Channels smoothed at the same time (SciPy's filters release the GIL); the result does not
-        depend on it.
+        Threads for z-slabs of the channels (SciPy's filters release the GIL); the result does
+        not depend on it.
 
     Returns
     -------
