@@ -120,6 +120,8 @@ def _check_mask(mask, shape, name="mask") -> np.ndarray:
         raise InputError(f"{name}: shape {m.shape} differs from the flows' {tuple(shape)}")
     if m.dtype == bool:
         return m
+    if m.dtype == np.uint8 and m.size and m.max() <= 1:
+        return m.view(bool)  # a 0/1 mask (as FlowSmoothingFilter writes it): no copy
     if not (np.issubdtype(m.dtype, np.integer) or np.issubdtype(m.dtype, np.floating)):
         raise InputError(f"{name}: expected a binary mask, got dtype {m.dtype}")
     nz = m != 0

@@ -391,6 +391,10 @@ def test_bad_input():
     with pytest.raises(InputError, match="not binary"):
         track(flows, m)
     track(flows, mask.astype(np.float32))  # 0/1 floats are fine
+    half = mask.copy()
+    half[:2] = False
+    np.testing.assert_array_equal(track(flows, half.astype(np.uint8)), track(flows, half))      # 0/1 bytes
+    np.testing.assert_array_equal(track(flows, half.astype(np.uint8) * 255), track(flows, half))  # 0/255
     bad = flows.copy()
     bad[0, 1, 1, 1] = np.nan
     with pytest.raises(InputError, match="non-finite"):
