@@ -241,14 +241,10 @@ def iter_tanh_flows(labels, scale="adaptive", spacing=None, *, out=None):
     (e.g. the flow-error filter) never holds all three.  With ``out`` ((3, Z, Y, X) float32) the
     channels are written into it; otherwise each yielded array is new.
     """
-    labels = check_labels(labels)
-    _parse_scale(scale)
-    _check_spacing(spacing)
-    shape = labels.shape
-    tables = tanh_flow_tables(labels, scale, spacing)
+    tables = tanh_flow_tables(labels, scale, spacing)   # checks the labels, scale and spacing
     if tables is None:
         for a in range(3):
-            f = out[a] if out is not None else np.empty(shape, np.float32)
+            f = out[a] if out is not None else np.empty(np.shape(labels), np.float32)
             f[...] = 0
             yield a, f
         return

@@ -252,9 +252,9 @@ def track_voxels(flows, mask, *, step: float = 4.0, n_iter: int = 100,
         With ``"nearest"``: linear indices of the end voxels.  With ``"linear"``: float32 end
         coordinates (z, y, x).
     """
-    start, mask, how, res = _track_checked(flows, mask, step, n_iter, interpolation, sigma,
-                                           unsmoothed_first_step, first_step_flows, spacing, threads)
-    if how == "nearest":
+    start, mask, res = _track_checked(flows, mask, step, n_iter, interpolation, sigma,
+                                      unsmoothed_first_step, first_step_flows, spacing, threads)
+    if interpolation == "nearest":
         idx, _ = res
         return start, (start.copy() if idx is None else start.take(idx, mode="clip"))
     return start, res
@@ -262,8 +262,8 @@ def track_voxels(flows, mask, *, step: float = 4.0, n_iter: int = 100,
 
 def _track_checked(flows, mask, step, n_iter, interpolation, sigma, unsmoothed_first_step,
                    first_step_flows, spacing, threads):
-    """:func:`track_voxels` after its checks: ``(start, mask, interpolation, result)``, the
-    result being ``(index, coords)`` of :func:`_track_nearest_index` or the linear tracker's
+    """:func:`track_voxels` after its checks: ``(start, mask, result)``, the result being
+    ``(index, coords)`` of :func:`_track_nearest_index` (``"nearest"``) or the linear tracker's
     end coordinates."""
     flows = _check_flows(flows)
     shape = flows.shape[1:]
@@ -285,10 +285,9 @@ def _track_checked(flows, mask, step, n_iter, interpolation, sigma, unsmoothed_f
     elif sigma > 0 and unsmoothed_first_step:
         first_step_flows = flows
     if interpolation == "nearest":
-        return start, mask, interpolation, _track_nearest_index(flows, mask, start, steps, n_iter, sigma,
-                                                                first_step_flows, threads)
-    return start, mask, interpolation, _track_linear(flows, mask, start, steps, n_iter, sigma,
-                                                     first_step_flows)
+        return start, mask, _track_nearest_index(flows, mask, start, steps, n_iter, sigma,
+                                                 first_step_flows, threads)
+    return start, mask, _track_linear(flows, mask, start, steps, n_iter, sigma, first_step_flows)
 
 
 def _axis_steps(step, spacing):
@@ -521,10 +520,10 @@ def track(flows, mask, *, step: float = 4.0, n_iter: int = 100, interpolation: s
         End position (z, y, x, in voxels) of every tracked voxel; NaN outside the mask.  This is
         what the tracking filter passes to the closing filter.
     """
-    start, mask, how, res = _track_checked(flows, mask, step, n_iter, interpolation, sigma,
-                                           unsmoothed_first_step, first_step_flows, spacing, threads)
+    start, mask, res = _track_checked(flows, mask, step, n_iter, interpolation, sigma,
+                                      unsmoothed_first_step, first_step_flows, spacing, threads)
     ends = np.full((3,) + mask.shape, np.nan, np.float32)
-    if how == "nearest":
+    if interpolation == "nearest":
         idx, coords = res
         if coords is None:
             coords = _coords(start, mask.shape)
@@ -887,7 +886,7 @@ def flow_error_per_cell(labels, flows, *, flow_type: str = "tanh", flow_scale="a
             np.abs(ref, out=ref)
             return label_sums(lab, top, ref)
 
-        jobs = [(a, zz) for a in range(3) for zz in z_slabs(labels.shape[0], max(1, int(threads)))]
+        jobs = [(a, zz) for a in range(3) for zz in z_slabs(labels.shape[0], threads)]
         total = np.sum(run_jobs(slab_sums, jobs, threads), axis=0) / 3.0
     else:
         # a loose tolerance: directions within a few degrees are plenty for a 0.8 threshold
@@ -941,7 +940,7 @@ def _moment_sums(labels, top, threads: int = 1):
             S[8] += z * bx
         return S
 
-    return np.sum(run_jobs(slab, z_slabs(Z, max(1, int(threads))), threads), axis=0)
+    return np.sum(run_jobs(slab, z_slabs(Z, threads), threads), axis=0)
 
 
 def axis_ratio_per_cell(labels, threads: int = 1):

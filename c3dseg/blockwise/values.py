@@ -133,7 +133,6 @@ def nodes_of(value) -> list[Node]:
     return out + [value.node]
 
 
-
 def reads_values(node) -> bool:
     """A node that reads other values itself (kwargs holding lazy values, e.g. a tiled network)."""
     return any(isinstance(v, (Stored, Derived)) for v in node.kwargs.values())
@@ -143,6 +142,7 @@ def is_cheap(value) -> bool:
     """Stored, or only pointwise functions over stored values (re-evaluating it is cheap)."""
     return all(n.op == "func" and not any(n.halo) and not n.expensive and not reads_values(n)
                for n in nodes_of(value))
+
 
 def evaluate(values: Sequence, lo: Sequence[int], hi: Sequence[int], shape3d: Sequence[int]) -> list[np.ndarray]:
     """The arrays of ``values`` over the box ``[lo, hi)`` of a volume of ``shape3d`` (worker side)."""

@@ -131,18 +131,11 @@ def _planes_view(data):
     base = data[0].base
     if not isinstance(base, np.ndarray) or base.ndim != 4 or base.dtype != np.float32:
         return None
-    ptr = [d.__array_interface__["data"][0] for d in data]
-    b0 = base.__array_interface__["data"][0]
-    step = base.strides[0]
-    if step <= 0 or (ptr[0] - b0) % step:
-        return None
-    i = (ptr[0] - b0) // step
-    if i < 0 or i + 3 > base.shape[0]:
-        return None
-    view = base[i:i + 3]
-    if all(d.base is base and d.dtype == np.float32 and d.shape == view.shape[1:] and d.strides == view.strides[1:]
-           and p == view[k].__array_interface__["data"][0] for k, (d, p) in enumerate(zip(data, ptr))):
-        return view
+    for i in range(base.shape[0] - 2):
+        view = base[i:i + 3]
+        # same memory, shape, strides and type as the plane of the view
+        if all(d.base is base and d.__array_interface__ == view[k].__array_interface__ for k, d in enumerate(data)):
+            return view
     return None
 
 
