@@ -542,7 +542,8 @@ class _CountingNetwork:
 def test_network_predictions_identical(tmp_path, client, monkeypatch, filter_name, block):
     """Tiled prediction blockwise uses the whole volume's tile plan, normalisation and blending:
     the four output channels equal the whole-volume ones although blocks and tiles do not align,
-    and every tile is predicted exactly once (blocks smaller than the tiles; blocks spanning x)."""
+    and every tile is predicted exactly once (blocks smaller than the tiles; blocks spanning x), with
+    OnnxModel's test-time augmentation as well."""
     pytest.importorskip("onnx")
     from c3dseg.blockwise import globals as bglobals
     from c3dseg.io import read_image, write_image
@@ -557,7 +558,8 @@ def test_network_predictions_identical(tmp_path, client, monkeypatch, filter_nam
         net = [item("item_0002", "TorchModel", [("item_0001", 1)], params=dict(patch, PatchStride=0.75, BatchSize=2),
                     outputs=(("image", 1), ("image", 2), ("image", 3), ("image", 4)))]
     else:
-        net = [item("item_0002", "OnnxModel", [("item_0001", 1)], params=dict(patch, PatchOverlap=8)),
+        net = [item("item_0002", "OnnxModel", [("item_0001", 1)],
+                    params=dict(patch, PatchOverlap=8, TestTimeAugmentation="xy")),
                item("item_0005", "TileMerger", [("item_0002", 1)], params={"Blending": "linear"},
                     outputs=(("image", 1), ("image", 2), ("image", 3), ("image", 4)))]
     src_id = "item_0002" if filter_name == "TorchModel" else "item_0005"
@@ -577,7 +579,8 @@ def test_network_predictions_identical(tmp_path, client, monkeypatch, filter_nam
     assert np.abs(whole).max() > 0.1
     np.testing.assert_array_equal(res, whole)
     tiles = opts.stats["passes"]["item_0002-tiles"]["tiles"]
-    assert tiles >= 8 and len(calls) == tiles                # each tile of the plan predicted once...
+    runs = 4 if filter_name == "OnnxModel" else 1            # OnnxModel: mirrored in y, x and both
+    assert tiles >= 8 and len(calls) == runs * tiles         # each tile of the plan predicted once...
     assert len(set(calls)) == len(calls)                     # ... and no tile twice
 
 

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from c3dseg.errors import C3DError, InputError  # noqa: E402
 from c3dseg.filters.network import OnnxModel, TileMerger, TorchModel  # noqa: E402
 from c3dseg.image import Image  # noqa: E402
-from c3dseg.predict import OnnxNetwork, predict_volume  # noqa: E402
+from c3dseg.predict import FlipAveraged, OnnxNetwork, predict_volume  # noqa: E402
 from c3dseg.tiling import TileStream  # noqa: E402
 
 WEIGHTS = (1.0, 2.0, -1.0, 0.5)
@@ -132,6 +132,51 @@ def test_channel_mismatch(tmp_path):
     path = conv_model(tmp_path / "m.onnx")
     with pytest.raises(InputError, match="1 input channel"):
         OnnxModel({"ModelPath": path}).run([Image(np.zeros((2, 8, 8, 8), np.float32))], [])
+
+
+def _gradient_net(batch):
+    """A mirror-equivariant stand-in: foreground = the input, flow along each axis = the input's
+    central difference along it (mirroring the input mirrors the map and flips its sign)."""
+    x = batch[:, 0].astype(np.float64)
+    grads = [np.gradient(x, axis=a + 1) for a in range(3)]
+    return np.stack([x] + grads, axis=1).astype(np.float32)
+
+
+def test_flip_averaging_keeps_an_equivariant_network_and_cancels_a_bias():
+    batch = np.random.default_rng(3).random((2, 1, 8, 9, 10), dtype=np.float32)
+    plain = _gradient_net(batch)
+    for axes in ((0, 1, 2), (1, 2)):
+        np.testing.assert_allclose(FlipAveraged(_gradient_net, axes)(batch), plain, atol=1e-6)
+
+    def biased(b):  # flows that point the same way wherever the cell lies: a bias, not a feature
+        return _gradient_net(b) + np.array([0.0, 0.3, 0.2, 0.1], np.float32)[None, :, None, None, None]
+
+    out = FlipAveraged(biased, (1, 2))(batch)
+    np.testing.assert_allclose(out[:, 0], plain[:, 0], atol=1e-6)
+    np.testing.assert_allclose(out[:, 1], plain[:, 1] + 0.3, atol=1e-6)   # z not mirrored: kept
+    np.testing.assert_allclose(out[:, 2:], plain[:, 2:], atol=1e-6)        # y, x mirrored: cancelled
+    calls = []
+    FlipAveraged(lambda b: calls.append(b.copy()) or _gradient_net(b), (0, 1, 2))(batch)
+    assert len(calls) == 8 and len({c.tobytes() for c in calls}) == 8
+    with pytest.raises(ValueError, match="flip axes"):
+        FlipAveraged(_gradient_net, (3,))
+
+
+def test_onnx_model_test_time_augmentation(tmp_path):
+    """A pointwise model mirrored and mirrored back gives the same foreground; its flows, which do
+    not turn with the mirror, average out along every mirrored axis."""
+    path = conv_model(tmp_path / "m.onnx", metadata={"normalization": "none"})
+    vol = np.random.default_rng(0).random((21, 37, 30), dtype=np.float32)
+    tiles = dict(PatchDepth=16, PatchHeight=16, PatchWidth=24, PatchOverlap=4)
+    _, outs = _run_pair(path, vol, TestTimeAugmentation="xy", **tiles)
+    np.testing.assert_allclose(outs[0].data, WEIGHTS[0] * vol, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(outs[1].data, WEIGHTS[1] * vol, rtol=1e-5, atol=1e-6)
+    assert np.abs(outs[2].data).max() < 1e-5 and np.abs(outs[3].data).max() < 1e-5
+    _, outs = _run_pair(path, vol, TestTimeAugmentation="xyz", **tiles)
+    np.testing.assert_allclose(outs[0].data, WEIGHTS[0] * vol, rtol=1e-5, atol=1e-6)
+    assert max(np.abs(o.data).max() for o in outs[1:]) < 1e-5
+    with pytest.raises(C3DError, match="TestTimeAugmentation"):
+        _run_pair(path, vol, TestTimeAugmentation="z")
 
 
 def test_merger_rejects_other_inputs_and_splits_prediction_images():

@@ -236,17 +236,22 @@ def create_tile_array(path: str, plan, channels: int):
 
 
 def predict_tiles_task(block, *, source, plan, transform, model: str, use_gpu: bool, in_channels, batch_size: int,
-                       tiles_path: str, channels: int = 4) -> int:
+                       tiles_path: str, channels: int = 4, flip_axes=()) -> int:
     """Dask task: predict the tiles ``block`` owns (:func:`owned_tiles`), each exactly once, and store
     them raw in the tile array.  Each tile is cut from the input as :func:`c3dseg.tiling.extract_tile`
     cuts it from the whole volume (read per tile, reflect-padded where it leaves the volume) and
-    normalised with the whole-volume range.  Memory: one batch of tiles.  Returns the tile count."""
+    normalised with the whole-volume range; ``flip_axes``: test-time augmentation
+    (:class:`~c3dseg.predict.FlipAveraged`).  Memory: one batch of tiles.  Returns the tile count."""
     import zarr
 
     tiles = owned_tiles(plan, block)
     if not tiles:
         return 0
     net = _load_network(model, use_gpu, in_channels)
+    if flip_axes:
+        from ..predict import FlipAveraged
+
+        net = FlipAveraged(net, flip_axes)
     arr = zarr.open_array(tiles_path, mode="r+")
     batch, idx = [], []
 
@@ -337,7 +342,7 @@ def _network(env, step, images, metas):
     import shutil
 
     from ..filters.base import Context, resolve_relative
-    from ..predict import make_transform
+    from ..predict import AUGMENTATIONS, make_transform
     from .components import create_block_array
 
     p = dict(step.params)
@@ -379,6 +384,7 @@ def _network(env, step, images, metas):
                               model=model, use_gpu=bool(p.get("UseGPU", False)),
                               in_channels=p.get("NumInputChannels"), batch_size=int(p.get("BatchSize", 1)),
                               tiles_path=tiles_path, channels=channels,
+                              flip_axes=AUGMENTATIONS[p.get("TestTimeAugmentation", "none") or "none"],
                               desc=f"{item}: predict {plan.n_tiles} tile(s)")
         env.rt.stats[f"{item}-tiles"]["tiles"] = int(sum(res.values()))
         env.rt.run_pass(blend, blend_tiles_task, plan=plan, blending=blending, tiles_path=tiles_path,

@@ -18,7 +18,8 @@ import numpy as np
 
 from ..errors import InputError, ParameterError
 from ..image import Image
-from ..predict import CHANNEL_NAMES, OnnxNetwork, check_tile_shape, make_transform, tile_stream
+from ..predict import (AUGMENTATIONS, CHANNEL_NAMES, FlipAveraged, OnnxNetwork, check_tile_shape, make_transform,
+                       tile_stream)
 from ..schemas.params import Param
 from ..tiling import BLENDINGS, TileStream, plan_tiles, stride_to_overlap
 from .base import Filter, Port, register
@@ -44,6 +45,12 @@ def _patch_params(depth: int, height: int, width: int, stride: float, stride_tex
               "once.", min=1, allow=(-1,), unit="voxels"),
         Param("PatchStride", "double", stride, stride_text, min=0.0),
     )
+
+
+_TTA_PARAM = Param(
+    "TestTimeAugmentation", "string", "none", "Average the predictions of mirrored inputs: none; xy (4 network "
+    "runs per tile: mirrored in y, x and both); xyz (8 runs: every mirror combination). Less noisy flows, at 4 "
+    "or 8 times the network's time.", choices=tuple(AUGMENTATIONS))
 
 
 class _PredictorMixin:
@@ -107,6 +114,10 @@ class _PredictorMixin:
         meta["model_path"] = net.path
         if "flow_type" in net.metadata:
             meta["flow_type"] = net.metadata["flow_type"]
+        axes = AUGMENTATIONS[self.p.get("TestTimeAugmentation", "none")]
+        if axes:
+            log.info("%s: test-time augmentation, %d mirrored runs per tile", self.name, 2 ** len(axes))
+            net = FlipAveraged(net, axes)
         return tile_stream(vol, net, plan, batch_size=int(self.p.get("BatchSize", 1)), transform=transform,
                            spacing=img.spacing, meta=meta, progress=bool(self.ctx.progress))
 
@@ -154,6 +165,8 @@ class OnnxModel(_PredictorMixin, Filter):
               min=0.0, max=100.0, allow=(-1.0,)),
         Param("UpperPercentile", "double", -1.0, "Upper percentile of the normalisation (-1 = the model's).",
               min=0.0, max=100.0, allow=(-1.0,)),
+
+        _TTA_PARAM,
     )
 
     def run(self, images, metas):
@@ -201,6 +214,7 @@ class TorchModel(_PredictorMixin, Filter):
         Param("BatchSize", "int", 1, "Tiles per network call.", min=1, unit="tiles"),
         Param("Normalization", "string", "auto", "Input normalisation: auto (from an ONNX model's metadata; none "
               "for TorchScript), percentile, minmax or none.", choices=("auto", "percentile", "minmax", "none")),
+        _TTA_PARAM,
     )
 
     def run(self, images, metas):
