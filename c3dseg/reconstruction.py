@@ -652,6 +652,16 @@ def closed_end_map(points, shape, closing_radius: int = 1, *, lo=None, hi=None,
     return occ[crop]
 
 
+def _box_linear(lin, shape, lo, hi):
+    """Linear indices into ``shape`` (all inside the box ``lo:hi``) as linear indices into the box."""
+    Z, Y, X = (int(n) for n in shape)
+    if lo[1] == 0 and lo[2] == 0 and hi[1] == Y and hi[2] == X:
+        return lin - int(lo[0]) * Y * X if lo[0] else lin
+    z, y, x = np.unravel_index(lin, shape)
+    by, bx = int(hi[1] - lo[1]), int(hi[2] - lo[2])
+    return ((z - int(lo[0])) * by + (y - int(lo[1]))) * bx + (x - int(lo[2]))
+
+
 def sink_labels(end_points, shape, *, closing_radius: int = 1, fully_connected: bool = True,
                 threads: int = 1):
     """Cluster end points into sinks.
@@ -701,11 +711,17 @@ def sink_labels(end_points, shape, *, closing_radius: int = 1, fully_connected: 
     occ = np.zeros(shape, bool)
     occ.reshape(-1)[lin] = True
     if r > 0:
-        # the distinct end voxels (from the map: no sort of the K points), marked and closed
+        # the distinct end voxels (from the map: no sort of the K points), marked and closed over
+        # their bounding box grown by the map's reach (outside it the map is empty); components
+        # keep their C order, so the labels equal those of the whole volume's map
         uc = np.stack(np.unravel_index(np.flatnonzero(occ), shape)).astype(np.int64)
         del occ
-        occ = closed_end_map(uc, shape, r, threads=threads)
+        reach = sink_map_reach(r)
+        lo = np.maximum(uc.min(axis=1) - reach, 0)
+        hi = np.minimum(uc.max(axis=1) + reach + 1, np.asarray(shape))
+        occ = closed_end_map(uc, shape, r, lo=lo, hi=hi, threads=threads)
         del uc
+        lin = _box_linear(lin, shape, lo, hi)
     structure = np.ones((3, 3, 3), bool) if fully_connected else ndi.generate_binary_structure(3, 1)
     comp, _ = ndi.label(occ, structure)
     del occ

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 from c3dseg.errors import InputError, ParameterError
 from c3dseg.flows import labels_to_prediction, tanh_flows
@@ -293,6 +294,26 @@ def test_closed_end_map_over_a_box(r):
         near = np.all((pts >= (lo - reach)[:, None]) & (pts < (hi + reach)[:, None]), axis=0)
         box = closed_end_map(pts[:, near], shape, r, lo=lo, hi=hi)
         assert np.array_equal(box, whole[tuple(slice(a, b) for a, b in zip(lo, hi))])
+
+
+@pytest.mark.parametrize("region", ["box", "slab", "whole"])
+def test_sink_labels_equal_the_whole_maps_components(region):
+    """sink_labels closes and labels only the points' bounding box grown by the map's reach: the
+    labels (numbers included) equal the consecutive components of the whole volume's map."""
+    rng = np.random.default_rng(7)
+    shape = (30, 34, 32)
+    lo, hi = {"box": ((9, 5, 11), (21, 22, 25)), "slab": ((10, 0, 0), (20, 34, 32)),
+              "whole": ((0, 0, 0), shape)}[region]
+    centres = np.stack([rng.integers(a, b, 12) for a, b in zip(lo, hi)])
+    pts = np.concatenate([np.clip(centres + rng.integers(-1, 2, centres.shape), 0, np.array(shape)[:, None] - 1)
+                          for _ in range(6)], axis=1)
+    comp, _ = ndi.label(closed_end_map(pts, shape, 1), np.ones((3, 3, 3), bool))
+    raw = comp[tuple(pts)]
+    _, expected = np.unique(raw, return_inverse=True)          # consecutive in component order
+    for given in (pts, np.ravel_multi_index(tuple(pts), shape)):
+        lab, n = sink_labels(given, shape, closing_radius=1)
+        assert n == expected.max() + 1 > 3
+        np.testing.assert_array_equal(lab, expected + 1)
 
 
 def test_cluster_sinks_dense_and_compact_agree():
