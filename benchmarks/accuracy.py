@@ -13,6 +13,10 @@
    on how many volumes each model beats the baseline, and writes a box plot of per-cell Dice.
 4. Times the whole pipeline on a 64x256x256 stack (median of 3 runs) and prints the share of
    everything but the network.
+
+``--variant NAME MODEL ITEM.KEY=VALUE ...`` adds a method: the ``MODEL`` (tanh or heat) pipeline with
+those ``c3d-run --set`` values, scored beside the others in the same run, e.g. test-time
+augmentation: ``--models tanh --variant tanh-tta tanh OnnxModel.TestTimeAugmentation=xyz``.
 """
 
 from __future__ import annotations
@@ -74,13 +78,13 @@ def _interior(row, method, r):
     row["cells_int"] = int(inner["n_gt"])
 
 
-def _table(rows, sets, suffix, title):
+def _table(rows, sets, suffix, title, methods):
     print(f"\n{title}")
     print("| set | method | volumes | mean per-cell Dice | AP@0.5 | AP@0.75 | beats watershed (Dice) |")
     print("|---|---|---|---|---|---|---|")
     for set_name in sets:
         rs = [r for r in rows if r["set"] == set_name]
-        for m in ("tanh", "heat", "watershed"):
+        for m in methods:
             beats = "" if m == "watershed" else \
                 f"{sum(r[f'{m}_dice{suffix}'] > r[f'watershed_dice{suffix}'] for r in rs)}/{len(rs)}"
             print(f"| {set_name} | {m} | {len(rs)} | {np.nanmean([r[f'{m}_dice{suffix}'] for r in rs]):.3f} | "
@@ -143,10 +147,23 @@ def main():
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--timing-only", action="store_true", help="only the end-to-end timing run")
     ap.add_argument("--timing-repeat", type=int, default=3, help="timing runs (medians are printed)")
+    ap.add_argument("--models", default="tanh,heat", help="default pipelines to score (tanh, heat)")
+    ap.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME MODEL ITEM.KEY=VALUE",
+                    help="also score pipeline MODEL (tanh or heat) with these c3d-run --set values, as "
+                         "method NAME (repeatable)")
     ap.add_argument("--timing-image", default=None,
                     help="stack for the timing run (default: a new 64x256x256 validation stack; "
                          "c3d-synth --preset validation -n 1 --shape 64,256,256 makes the same one)")
     a = ap.parse_args()
+    methods = {}
+    for m in a.models.split(","):
+        if m not in PIPELINES:
+            ap.error(f"--models: unknown model {m!r} (tanh, heat)")
+        methods[m] = (PIPELINES[m], [])
+    for v in a.variant:
+        if len(v) < 2 or v[1] not in PIPELINES or v[0] in methods or v[0] == "watershed":
+            ap.error(f"--variant {' '.join(v)}: expected a new NAME, then tanh or heat, then ITEM.KEY=VALUE ...")
+        methods[v[0]] = (PIPELINES[v[1]], [x for kv in v[2:] for x in ("--set", kv)])
     if a.timing_only:
         report_timing(tempfile.mkdtemp(prefix="c3d_timing_"), a.timing_image, a.timing_repeat)
         return
@@ -158,16 +175,16 @@ def main():
     if a.ood:
         sets["ood"] = synth(os.path.join(tmp, "ood"), a.ood, "ood", shape)
 
-    rows, per_cell = [], {"tanh": [], "heat": [], "watershed": []}
+    rows, per_cell = [], {m: [] for m in list(methods) + ["watershed"]}
     for set_name, pairs in sets.items():
         for img_path, lab_path in pairs:
             name = os.path.basename(img_path)[:-4]
             gt = read_image(lab_path).data.astype(np.int64)
             img = read_image(img_path)
             row = {"set": set_name, "volume": name, "cells": int(len(np.unique(gt)) - 1)}
-            for model, pipe in PIPELINES.items():
+            for model, (pipe, extra) in methods.items():
                 out = os.path.join(tmp, f"{name}_{model}.tif")
-                row[f"{model}_s"] = run_pipeline(pipe, img_path, out)
+                row[f"{model}_s"] = run_pipeline(pipe, img_path, out, extra)
                 pred = read_image(out).data.astype(np.int64)
                 r, d = score(gt, pred)
                 row[f"{model}_dice"], row[f"{model}_ap50"], row[f"{model}_ap75"] = \
@@ -186,15 +203,17 @@ def main():
             _interior(row, "watershed", r)
             per_cell["watershed"].append(d)
             rows.append(row)
-            print(f"{set_name:10s} {name:22s} cells {row['cells']:5d}  dice tanh {row['tanh_dice']:.3f} "
-                  f"heat {row['heat_dice']:.3f} ws {row['watershed_dice']:.3f}   AP50 tanh {row['tanh_ap50']:.3f} "
-                  f"heat {row['heat_ap50']:.3f} ws {row['watershed_ap50']:.3f}   interior ({row['cells_int']} cells) dice "
-                  f"tanh {row['tanh_dice_int']:.3f} heat {row['heat_dice_int']:.3f} ws {row['watershed_dice_int']:.3f}",
-                  flush=True)
+            short = {m: "ws" if m == "watershed" else m for m in per_cell}
 
-    _table(rows, sets, "", "All ground-truth cells (cells cut by the volume faces included):")
+            def figures(key):
+                return " ".join(f"{short[m]} {row[f'{m}_{key}']:.3f}" for m in per_cell)
+
+            print(f"{set_name:10s} {name:22s} cells {row['cells']:5d}  dice {figures('dice')}   AP50 "
+                  f"{figures('ap50')}   interior ({row['cells_int']} cells) dice {figures('dice_int')}", flush=True)
+
+    _table(rows, sets, "", "All ground-truth cells (cells cut by the volume faces included):", list(per_cell))
     _table(rows, sets, "_int", "Interior cells (ground-truth cells touching no face of the volume; c3d-eval's "
-                               "border=separate):")
+                               "border=separate):", list(per_cell))
     print("(means over volumes; Dice: each ground-truth cell against the predicted cell overlapping it most)")
 
     if a.plot:
@@ -204,9 +223,10 @@ def main():
             import matplotlib.pyplot as plt
 
             fig, ax = plt.subplots(figsize=(6, 4))
-            data = [np.concatenate(per_cell[m]) for m in ("tanh", "heat", "watershed")]
+            data = [np.concatenate(per_cell[m]) for m in per_cell]
             ax.boxplot(data, showfliers=False)
-            ax.set_xticks([1, 2, 3], ["tanh model", "heat model", "seeded watershed"])
+            names = {"tanh": "tanh model", "heat": "heat model", "watershed": "seeded watershed"}
+            ax.set_xticks(range(1, len(data) + 1), [names.get(m, m) for m in per_cell])
             ax.set_ylabel("per-cell Dice")
             ax.set_title(f"{sum(len(p) for p in sets.values())} synthetic volumes (validation + ood)")
             fig.tight_layout()
