@@ -14,6 +14,7 @@ import sys
 from lxml import etree
 
 from c3dseg.filters.base import registry
+from c3dseg.filters.scale import model_cell_diameter_voxels
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(os.path.dirname(HERE), "c3dseg", "pipelines")
@@ -24,6 +25,11 @@ XSI = "http://www.w3.org/2001/XMLSchema-instance"
 #: worse (benchmarks/diameter.py --model c3dseg/models/tanh.onnx: validation 28/40 within 20 %,
 #: classical 32/40).  Rerun that benchmark with a new model and switch on when it does better.
 REFINE_DIAMETER = False
+
+#: InstanceSizeFilter's MinRadiusVoxels as a fraction of the model's median cell diameter in voxels
+#: (its metadata): cells under ~0.4x the median diameter go.  0.2 x 12.73 = 2.5 for the models trained
+#: at 14 voxels; the filter works on the model's grid, so the threshold follows the model's scale.
+MIN_RADIUS_FRACTION = 0.2
 
 
 def item(n, name, inputs=(), values=None, description=None):
@@ -58,6 +64,7 @@ def item(n, name, inputs=(), values=None, description=None):
 
 def segment(flow_type: str, model: str) -> etree._Element:
     model_path = f"../models/{model}"
+    min_radius = round(MIN_RADIUS_FRACTION * model_cell_diameter_voxels(os.path.join(OUT, model_path)), 1)
     items = [
         item(1, "ImageReader", [("cmd", 0)], {"DefaultInput": "../data/sample.tif"},
              "Reads the stack (the bundled sample when no -i is given)"),
@@ -71,7 +78,7 @@ def segment(flow_type: str, model: str) -> etree._Element:
         item(7, "FlowTrackingFilter", [(6, 1), (6, 2), (6, 3), (6, 4), (5, 2), (5, 3), (5, 4)],
              {"StepSize": 4.0, "NumIterations": 100}),
         item(8, "SinkClusteringFilter", [(7, 1)], {"ClosingRadius": 3}),
-        item(9, "InstanceSizeFilter", [(8, 1)], {"MinRadiusVoxels": 2.5, "MaxRadiusVoxels": 100.0}),
+        item(9, "InstanceSizeFilter", [(8, 1)], {"MinRadiusVoxels": min_radius, "MaxRadiusVoxels": 100.0}),
         item(10, "InstanceForegroundOverlapFilter", [(9, 1), (6, 1)], {"MinOverlap": 0.2}),
         item(11, "InstanceFlowErrorFilter", [(10, 1), (5, 2), (5, 3), (5, 4)],
              {"MaxFlowError": 0.8, "FlowType": flow_type}),
