@@ -17,8 +17,8 @@ from c3dseg.image import Image  # noqa: E402
 from c3dseg.io import write_image  # noqa: E402
 from c3dseg.synthesis import voronoi_labels  # noqa: E402
 from c3dseg.training.augment import Augmenter, faint_membranes  # noqa: E402
-from c3dseg.training.data import (PatchSampler, find_pairs, load_volume, make_targets,  # noqa: E402
-                                  read_pair_list)
+from c3dseg.training.data import (PatchSampler, data_summary, find_pairs, load_volume, make_targets,  # noqa: E402
+                                  model_scale_diameter, read_pair_list, rescan_scale)
 from c3dseg.training.losses import CellposeLoss  # noqa: E402
 from c3dseg.training.train import resolve_config, train  # noqa: E402
 from c3dseg.training.unet import InferenceModel, UNet3D, count_parameters  # noqa: E402
@@ -123,6 +123,36 @@ def test_isotropic_resampling_to_a_cell_size_with_cache(dataset, tmp_path):
     c = load_volume(*args, targets_cfg=TANH, resample_to=dict(rs, max_shape=[8, 8, 8]), cache_dir=str(tmp_path))
     assert c.labels.shape == (8, 8, 8)
     assert len(list(tmp_path.glob("*.npy"))) == 2  # another setting, another entry
+
+
+def test_model_scale_is_the_volumes_median_as_the_estimate_measures_it(dataset):
+    """The scale stored in a model is the median over volumes of each volume's median cell (interior
+    cells, before the training crop) in voxels of its training grid, whatever the crop; the median
+    over the cropped cells (cut cells count smaller) is kept beside it as the pooled figure."""
+    from c3dseg.io import read_image
+    from c3dseg.synthesis import median_cell_diameter
+
+    names = sorted(p.name for p in (dataset / "labels").glob("*.tif"))
+    expected = []
+    for n in names:
+        img = read_image(str(dataset / "labels" / n))
+        lab = img.data.astype(np.int64)
+        iso = np.median(np.cbrt(6 * np.bincount(lab.ravel())[1:][np.bincount(lab.ravel())[1:] > 0]
+                                * np.prod(img.spacing) / np.pi)) / 6
+        expected.append(median_cell_diameter(lab, img.spacing) / iso)
+        assert model_scale_diameter(lab, img.spacing, {"cell_diameter_voxels": 6})[1] == pytest.approx(expected[-1])
+    summaries = []
+    for max_shape in ([8, 8, 8], [24, 40, 40]):
+        rs = {"cell_diameter_voxels": 6, "max_shape": max_shape}
+        vols = [load_volume(str(dataset / "images" / n), str(dataset / "labels" / n), targets_cfg=TANH,
+                            resample_to=rs) for n in names]
+        summaries.append(data_summary(vols))
+    for s in summaries:
+        assert s["median_cell_diameter_voxels"] == pytest.approx(np.median(expected))
+    assert summaries[0]["pooled_cell_diameter_voxels"] < summaries[1]["pooled_cell_diameter_voxels"]
+    scan = rescan_scale([str(dataset / "labels" / n) for n in names], {"cell_diameter_voxels": 6})
+    assert scan["median_cell_diameter_voxels"] == pytest.approx(np.median(expected))
+    assert scan["rescanned_volumes"] == 3
 
 
 def test_sampler_is_deterministic_per_patch_index(dataset):
@@ -275,3 +305,22 @@ def test_export_parity_metadata_and_cli(dataset, tmp_path):
     assert (tmp_path / "h.onnx").read_bytes() == before
     assert export_main([str(tmp_path / "run"), "-o", str(tmp_path / "h.onnx"), "--overwrite", "-q"]) == 0
     assert export_main([str(tmp_path / "missing.pt"), "-o", str(tmp_path / "x.onnx"), "-q"]) == 1
+    # --rescan-labels: a checkpoint trained at a cell scale gets its scale measured from label files
+    assert export_main([str(tmp_path / "run"), "-o", str(tmp_path / "r.onnx"), "-q", "--rescan-labels",
+                        str(dataset / "labels")]) == 2      # trained without resample_to: nothing to rescan
+    assert not (tmp_path / "r.onnx").exists()
+    ck = load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    ck["data_info"] = dict(ck["data_info"], resample_to={"cell_diameter_voxels": 6}, median_cell_diameter_voxels=1.0)
+    ck["data_info"].pop("pooled_cell_diameter_voxels", None)
+    import torch
+
+    torch.save(ck, str(tmp_path / "old.pt"))
+    assert export_main([str(tmp_path / "old.pt"), "-o", str(tmp_path / "r.onnx"), "-q", "--rescan-labels",
+                        str(dataset / "labels")]) == 0
+    md = OnnxNetwork(str(tmp_path / "r.onnx")).metadata
+    scan = rescan_scale(sorted(str(p) for p in (dataset / "labels").glob("*.tif")), {"cell_diameter_voxels": 6})
+    assert float(md["median_cell_diameter_voxels"]) == pytest.approx(scan["median_cell_diameter_voxels"], rel=1e-3)
+    assert md["pooled_cell_diameter_voxels"] == "1"
+    assert export_main([str(tmp_path / "old.pt"), "-o", str(tmp_path / "r2.onnx"), "-q", "--rescan-labels",
+                        str(tmp_path / "nowhere")]) != 0
+    assert not (tmp_path / "r2.onnx").exists()

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from ..errors import C3DError
+from ..errors import C3DError, InputError, ParameterError
 
 log = logging.getLogger("c3dseg")
 
@@ -94,6 +94,31 @@ def train_main(argv=None) -> int:
     return 130 if result["interrupted"] else 0
 
 
+def _rescanned(checkpoint: str, folder: str) -> dict:
+    """The checkpoint with its model scale recomputed from the label files in ``folder``."""
+    from .data import rescan_scale
+    from .export import load_checkpoint
+
+    ck = load_checkpoint(checkpoint)
+    info = dict(ck.get("data_info", {}))
+    resample_to = info.get("resample_to")
+    if not isinstance(resample_to, dict):
+        raise ParameterError(f"{checkpoint}: trained without resample_to: {{cell_diameter_voxels: D}}, so it has "
+                             "no model scale to recompute", key="--rescan-labels")
+    if not os.path.isdir(folder):
+        raise InputError(f"{folder}: not a folder of label files", key="--rescan-labels")
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith((".tif", ".tiff")))
+    if not paths:
+        raise InputError(f"{folder}: no .tif label files", key="--rescan-labels")
+    spacing = (ck.get("config", {}).get("data", {}) or {}).get("spacing")
+    new = rescan_scale(paths, resample_to, spacing)
+    info.setdefault("pooled_cell_diameter_voxels", info.get("median_cell_diameter_voxels"))
+    log.info("model scale from %d label files: %.4g voxels (was %.4g)", new["rescanned_volumes"],
+             new["median_cell_diameter_voxels"], float(info.get("median_cell_diameter_voxels", float("nan"))))
+    info.update(new)
+    return dict(ck, data_info=info)
+
+
 def export_main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="c3d-export",
@@ -105,6 +130,10 @@ def export_main(argv=None) -> int:
     parser.add_argument("--tolerance", type=float, help="largest accepted |onnxruntime - torch| "
                         "(default 1e-3, 2e-2 with --fp16)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument("--rescan-labels", metavar="DIR",
+                        help="recompute the model scale (median_cell_diameter_voxels) from the training label "
+                             "files in DIR, as c3d-train measures it now (for checkpoints trained before "
+                             "2026-12-01, whose scale counted cells cut by the training crops)")
     parser.add_argument("-q", "--quiet", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -115,7 +144,10 @@ def export_main(argv=None) -> int:
     try:
         from .export import export_onnx
 
-        r = export_onnx(args.checkpoint, args.output, opset=args.opset, fp16=args.fp16, tol=args.tolerance)
+        checkpoint = args.checkpoint
+        if args.rescan_labels:
+            checkpoint = _rescanned(checkpoint, args.rescan_labels)
+        r = export_onnx(checkpoint, args.output, opset=args.opset, fp16=args.fp16, tol=args.tolerance)
     except C3DError as e:
         return _fail(e, args.verbose, e.exit_code)
     except (RuntimeError, OSError, ValueError) as e:

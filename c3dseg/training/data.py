@@ -144,6 +144,9 @@ class Volume:
     spacing : (z, y, x) um
     fg_points : int32 (K, 3) a random sample of foreground voxel coordinates
     name : str
+    cell_diameters_um : the cells of ``labels`` (as cropped: cells cut by the crop count smaller)
+    median_diameter_um : the volume's median cell diameter before any crop, as
+        :func:`volume_median_diameter` measures it (what ``EstimateCellDiameter`` estimates)
     """
 
     image: np.ndarray
@@ -153,6 +156,7 @@ class Volume:
     fg_points: np.ndarray
     name: str = ""
     cell_diameters_um: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    median_diameter_um: float = float("nan")
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -165,6 +169,26 @@ def equivalent_diameters(labels: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> np.ndar
     counts = counts[counts > 0]
     vox = float(np.prod(spacing))
     return (6.0 * counts * vox / np.pi) ** (1.0 / 3.0)
+
+
+def volume_median_diameter(labels: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> float:
+    """A volume's median cell diameter (um) as the diameter estimate's target defines it: the
+    median equivalent-sphere diameter of the cells that touch no face of the volume
+    (:func:`c3dseg.synthesis.median_cell_diameter`)."""
+    from ..synthesis import median_cell_diameter
+
+    return median_cell_diameter(labels, spacing)
+
+
+def model_scale_diameter(labels: np.ndarray, spacing, resample_to) -> tuple[float, float]:
+    """``(iso, d)``: the isotropic spacing (um) ``resample_to = {"cell_diameter_voxels": D}`` brings a
+    volume to (its median cell, face-cut cells included, D voxels across) and the volume's median
+    diameter (:func:`volume_median_diameter`) in voxels of that grid; NaNs without cells."""
+    diam = equivalent_diameters(labels, spacing)
+    if not diam.size:
+        return float("nan"), float("nan")
+    iso = float(np.median(diam)) / float(resample_to["cell_diameter_voxels"])
+    return iso, volume_median_diameter(labels, spacing) / iso
 
 
 def make_targets(labels: np.ndarray, targets_cfg: dict, spacing=None) -> np.ndarray:
@@ -280,14 +304,11 @@ def load_volume(image_path: str, label_path: str, *, spacing=None, norm_cfg: dic
     spacing_used = sp_img
     resample_cfg = resample_to  # as configured (the cache key)
     max_shape = None
+    median_um = volume_median_diameter(lab, sp_img) if lab.any() else float("nan")
     if isinstance(resample_to, dict):  # {"cell_diameter_voxels": D}: isotropic, median cell D voxels across
         max_shape = resample_to.get("max_shape")
-        diam = equivalent_diameters(lab, sp_img)
-        if diam.size:
-            iso = float(np.median(diam)) / float(resample_to["cell_diameter_voxels"])
-            resample_to = (iso, iso, iso)
-        else:
-            resample_to = None
+        iso, _ = model_scale_diameter(lab, sp_img, resample_to)
+        resample_to = (iso, iso, iso) if np.isfinite(iso) else None
     if resample_to is not None:
         factors = [s / t for s, t in zip(sp_img, resample_to)]
         if max_shape is not None:  # crop before resampling so that memory stays bounded
@@ -309,7 +330,8 @@ def load_volume(image_path: str, label_path: str, *, spacing=None, norm_cfg: dic
     if not fg.size:
         log.warning("%s: no labelled cell", os.path.basename(label_path))
     return Volume(image=image, labels=lab, targets=targets, spacing=tuple(spacing_used), fg_points=pts,
-                  name=os.path.basename(image_path), cell_diameters_um=equivalent_diameters(lab, spacing_used))
+                  name=os.path.basename(image_path), cell_diameters_um=equivalent_diameters(lab, spacing_used),
+                  median_diameter_um=median_um)
 
 
 def load_volumes(pairs, *, spacing=None, norm_cfg=None, targets_cfg=None, resample_to=None,
@@ -331,15 +353,39 @@ def load_volumes(pairs, *, spacing=None, norm_cfg=None, targets_cfg=None, resamp
 
 
 def data_summary(volumes: Sequence[Volume]) -> dict[str, Any]:
-    """Spacing and median cell diameter of a training set (for the model's metadata)."""
+    """Spacing and median cell diameter of a training set (for the model's metadata).
+
+    ``median_cell_diameter_voxels`` (the scale ``ResampleToModelScale`` brings inputs to) is the
+    median over the volumes of each volume's median diameter in voxels of its training grid,
+    measured as the diameter estimate's target (interior cells, before any crop), so that an input
+    whose estimate is right reaches the scale the network was trained at.
+    ``pooled_cell_diameter_voxels``: the median over all training cells as cropped (cells cut by
+    the crop count, so it is lower; before 2026-12-01 this was stored as the scale)."""
     sp = np.median(np.array([v.spacing for v in volumes], dtype=np.float64), axis=0)
     d = np.concatenate([v.cell_diameters_um for v in volumes]) if volumes else np.zeros(0)
     vox = np.concatenate([v.cell_diameters_um / np.cbrt(np.prod(v.spacing)) for v in volumes]) if volumes \
         else np.zeros(0)
+    per_volume = np.array([v.median_diameter_um / np.cbrt(np.prod(v.spacing)) for v in volumes], np.float64)
+    per_volume = per_volume[np.isfinite(per_volume)]
     return {"spacing_um": [float(s) for s in sp],
             "median_cell_diameter_um": float(np.median(d)) if d.size else float("nan"),
-            "median_cell_diameter_voxels": float(np.median(vox)) if vox.size else float("nan"),
+            "median_cell_diameter_voxels": float(np.median(per_volume)) if per_volume.size else float("nan"),
+            "pooled_cell_diameter_voxels": float(np.median(vox)) if vox.size else float("nan"),
             "n_volumes": len(volumes), "n_cells": int(d.size)}
+
+
+def rescan_scale(label_paths: Sequence[str], resample_to: dict, spacing=None) -> dict[str, Any]:
+    """``median_cell_diameter_voxels`` of :func:`data_summary` from the training label files alone
+    (``c3d-export --rescan-labels``: correct the scale of a model trained before the fix)."""
+    vals = []
+    for path in label_paths:
+        lab, sp = read_volume(path, spacing)
+        iso, d = model_scale_diameter(np.asarray(lab), sp, resample_to)
+        if np.isfinite(d):
+            vals.append(d)
+    if not vals:
+        raise InputError("no labelled cell in the label files given", key="--rescan-labels")
+    return {"median_cell_diameter_voxels": float(np.median(vals)), "rescanned_volumes": len(vals)}
 
 
 # ---------------------------------------------------------------------------------------------

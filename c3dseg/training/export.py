@@ -87,6 +87,7 @@ def metadata_from_checkpoint(ck: dict, opset: int) -> dict[str, str]:
         # cells of the training data measured in (isotropic-equivalent) voxels: the predictor resamples an
         # input so that its cells have this diameter (see c3dseg.predict.model_scale_spacing)
         "median_cell_diameter_voxels": f"{float(info.get('median_cell_diameter_voxels', float('nan'))):.4g}",
+        "pooled_cell_diameter_voxels": f"{float(info.get('pooled_cell_diameter_voxels', float('nan'))):.4g}",
         "resample_isotropic": "1" if isinstance(info.get("resample_to"), dict) else "0",
         "normalization": str(norm.get("mode", "percentile")),
         "norm_percentiles": f"{float(norm.get('lower', 1.0)):g},{float(norm.get('upper', 99.8)):g}",
