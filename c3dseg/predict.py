@@ -8,25 +8,27 @@ and :func:`predict_volume` blends it into the four output maps.
 
 Model metadata (ONNX ``metadata_props``, all strings; written by :mod:`c3dseg.training.export`):
 
-=============================  ===============================================================
-key                            meaning
-=============================  ===============================================================
-``format``                     ``c3dseg-unet``
-``c3dseg_version``             package version that exported the model
-``channels``                   ``foreground,flow_z,flow_y,flow_x`` (output channel order)
-``foreground_activation``      ``sigmoid`` (channel 0 is a probability in [0, 1])
-``flow_type``                  ``tanh`` or ``heat``
-``flow_scale``                 tanh divisor (voxels) or ``adaptive``
-``flow_direction``             ``away_from_centre`` (tracking moves p -> p - s * flow(p))
-``size_divisor``               spatial sizes must be multiples of this (8)
-``patch_size``                 training patch ``z,y,x`` (voxels)
-``spacing_um``                 training voxel spacing ``z,y,x`` (micrometres)
-``median_cell_diameter_um``    median equivalent-sphere diameter of the training cells
-``normalization``              ``percentile`` or ``none``
-``norm_percentiles``           ``lower,upper`` (percent), per image
-``norm_clip``                  ``1`` to clip to [0, 1] after the mapping
-``opset``                      ONNX opset of the export
-=============================  ===============================================================
+==============================  ==============================================================
+key                             meaning
+==============================  ==============================================================
+``format``                      ``c3dseg-unet``
+``c3dseg_version``              package version that exported the model
+``channels``                    ``foreground,flow_z,flow_y,flow_x`` (output channel order)
+``foreground_activation``       ``sigmoid`` (channel 0 is a probability in [0, 1])
+``flow_type``                   ``tanh`` or ``heat``
+``flow_scale``                  tanh divisor (voxels) or ``adaptive``
+``flow_direction``              ``away_from_centre`` (tracking moves p -> p - s * flow(p))
+``size_divisor``                spatial sizes must be multiples of this (8)
+``patch_size``                  training patch ``z,y,x`` (voxels)
+``spacing_um``                  training voxel spacing ``z,y,x`` (micrometres)
+``median_cell_diameter_um``     median equivalent-sphere diameter of the training cells
+``median_cell_diameter_voxels`` the model scale: the training volumes' median cell in voxels
+``pooled_cell_diameter_voxels`` the median over the cropped training cells (information only)
+``normalization``               ``percentile`` or ``none``
+``norm_percentiles``            ``lower,upper`` (percent), per image
+``norm_clip``                   ``1`` to clip to [0, 1] after the mapping
+``opset``                       ONNX opset of the export
+==============================  ==============================================================
 """
 
 from __future__ import annotations
