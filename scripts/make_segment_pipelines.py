@@ -24,8 +24,9 @@ XSI = "http://www.w3.org/2001/XMLSchema-instance"
 #: with the models shipped before 2026-12-01 the refinement made the estimate worse
 #: (benchmarks/diameter.py --model c3dseg/models/tanh.onnx: validation 26/40 within 20 %, classical
 #: 32/40).  With the model scale fixed (2026-12-01) it is better on validation (34/40) and mixed out of
-#: distribution (15/20 vs 14/20 within 20 %, median error 8.6 % vs 7.3 %); switch on once its cost in
-#: the end-to-end time and its effect on benchmarks/accuracy.py are measured.
+#: distribution (15/20 vs 14/20 within 20 %, median error 8.6 % vs 7.3 %), but it lowers the
+#: segmentation accuracy (benchmarks/accuracy.py --variant tanh-refine tanh
+#: EstimateCellDiameter.ModelPath=../models/tanh.onnx: validation Dice 0.612 -> 0.571).
 REFINE_DIAMETER = False
 
 #: InstanceSizeFilter's MinRadiusVoxels as a fraction of the model's median cell diameter in voxels
