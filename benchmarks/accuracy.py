@@ -176,6 +176,9 @@ def main():
         sets["ood"] = synth(os.path.join(tmp, "ood"), a.ood, "ood", shape)
 
     rows, per_cell = [], {m: [] for m in list(methods) + ["watershed"]}
+
+    def figures(row, key):  # "tanh 0.612 heat 0.637 ws 0.506"
+        return " ".join(f"{'ws' if m == 'watershed' else m} {row[f'{m}_{key}']:.3f}" for m in per_cell)
     for set_name, pairs in sets.items():
         for img_path, lab_path in pairs:
             name = os.path.basename(img_path)[:-4]
@@ -203,13 +206,9 @@ def main():
             _interior(row, "watershed", r)
             per_cell["watershed"].append(d)
             rows.append(row)
-            short = {m: "ws" if m == "watershed" else m for m in per_cell}
-
-            def figures(key):
-                return " ".join(f"{short[m]} {row[f'{m}_{key}']:.3f}" for m in per_cell)
-
-            print(f"{set_name:10s} {name:22s} cells {row['cells']:5d}  dice {figures('dice')}   AP50 "
-                  f"{figures('ap50')}   interior ({row['cells_int']} cells) dice {figures('dice_int')}", flush=True)
+            print(f"{set_name:10s} {name:22s} cells {row['cells']:5d}  dice {figures(row, 'dice')}   AP50 "
+                  f"{figures(row, 'ap50')}   interior ({row['cells_int']} cells) dice {figures(row, 'dice_int')}",
+                  flush=True)
 
     _table(rows, sets, "", "All ground-truth cells (cells cut by the volume faces included):", list(per_cell))
     _table(rows, sets, "_int", "Interior cells (ground-truth cells touching no face of the volume; c3d-eval's "

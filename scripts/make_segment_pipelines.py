@@ -30,8 +30,8 @@ XSI = "http://www.w3.org/2001/XMLSchema-instance"
 REFINE_DIAMETER = False
 
 #: InstanceSizeFilter's MinRadiusVoxels as a fraction of the model's median cell diameter in voxels
-#: (its metadata): cells under ~0.4x the median diameter go.  0.2 x 12.73 = 2.5 for the models trained
-#: at 14 voxels; the filter works on the model's grid, so the threshold follows the model's scale.
+#: (its metadata): cells under ~0.4x the median diameter go (0.2 x 13.84 = 2.8 for the shipped models);
+#: the filter works on the model's grid, so the threshold follows the model's scale.
 MIN_RADIUS_FRACTION = 0.2
 
 

@@ -96,7 +96,7 @@ def train_main(argv=None) -> int:
 
 def _rescanned(checkpoint: str, folder: str) -> dict:
     """The checkpoint with its model scale recomputed from the label files in ``folder``."""
-    from .data import rescan_scale
+    from .data import _image_files, rescan_scale
     from .export import load_checkpoint
 
     ck = load_checkpoint(checkpoint)
@@ -105,11 +105,10 @@ def _rescanned(checkpoint: str, folder: str) -> dict:
     if not isinstance(resample_to, dict):
         raise ParameterError(f"{checkpoint}: trained without resample_to: {{cell_diameter_voxels: D}}, so it has "
                              "no model scale to recompute", key="--rescan-labels")
-    if not os.path.isdir(folder):
-        raise InputError(f"{folder}: not a folder of label files", key="--rescan-labels")
-    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith((".tif", ".tiff")))
-    if not paths:
-        raise InputError(f"{folder}: no .tif label files", key="--rescan-labels")
+    try:
+        paths = _image_files(folder)
+    except InputError as e:
+        raise InputError(f"{e.args[0] if e.args else e}", key="--rescan-labels") from None
     spacing = (ck.get("config", {}).get("data", {}) or {}).get("spacing")
     new = rescan_scale(paths, resample_to, spacing)
     info.setdefault("pooled_cell_diameter_voxels", info.get("median_cell_diameter_voxels"))

@@ -180,14 +180,21 @@ def volume_median_diameter(labels: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> float
     return median_cell_diameter(labels, spacing)
 
 
-def model_scale_diameter(labels: np.ndarray, spacing, resample_to) -> tuple[float, float]:
-    """``(iso, d)``: the isotropic spacing (um) ``resample_to = {"cell_diameter_voxels": D}`` brings a
-    volume to (its median cell, face-cut cells included, D voxels across) and the volume's median
-    diameter (:func:`volume_median_diameter`) in voxels of that grid; NaNs without cells."""
+def model_scale_spacing(labels: np.ndarray, spacing, resample_to) -> float:
+    """The isotropic spacing (um) ``resample_to = {"cell_diameter_voxels": D}`` brings a volume to:
+    its median cell, face-cut cells included, D voxels across; NaN without cells."""
     diam = equivalent_diameters(labels, spacing)
     if not diam.size:
-        return float("nan"), float("nan")
-    iso = float(np.median(diam)) / float(resample_to["cell_diameter_voxels"])
+        return float("nan")
+    return float(np.median(diam)) / float(resample_to["cell_diameter_voxels"])
+
+
+def model_scale_diameter(labels: np.ndarray, spacing, resample_to) -> tuple[float, float]:
+    """``(iso, d)``: :func:`model_scale_spacing` and the volume's median diameter
+    (:func:`volume_median_diameter`) in voxels of that grid; NaNs without cells."""
+    iso = model_scale_spacing(labels, spacing, resample_to)
+    if not np.isfinite(iso):
+        return iso, float("nan")
     return iso, volume_median_diameter(labels, spacing) / iso
 
 
@@ -307,7 +314,7 @@ def load_volume(image_path: str, label_path: str, *, spacing=None, norm_cfg: dic
     median_um = volume_median_diameter(lab, sp_img) if lab.any() else float("nan")
     if isinstance(resample_to, dict):  # {"cell_diameter_voxels": D}: isotropic, median cell D voxels across
         max_shape = resample_to.get("max_shape")
-        iso, _ = model_scale_diameter(lab, sp_img, resample_to)
+        iso = model_scale_spacing(lab, sp_img, resample_to)
         resample_to = (iso, iso, iso) if np.isfinite(iso) else None
     if resample_to is not None:
         factors = [s / t for s, t in zip(sp_img, resample_to)]
