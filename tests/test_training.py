@@ -125,6 +125,31 @@ def test_isotropic_resampling_to_a_cell_size_with_cache(dataset, tmp_path):
     assert len(list(tmp_path.glob("*.npy"))) == 2  # another setting, another entry
 
 
+def test_random_crop_keeps_tissue_and_background_and_is_seeded(tmp_path):
+    """crop: random centres the max_shape crop on a labelled voxel drawn per volume (seeded); the
+    default (centre) stays on the cells' bounding box, as before."""
+    lab = np.zeros((24, 96, 96), np.int32)
+    lab[:, 8:88, 8:88] = voronoi_labels((24, 80, 80), 12, seed=4)  # tissue with a background rim
+    for sub in ("i", "l"):
+        (tmp_path / sub).mkdir()
+    write_image(str(tmp_path / "i" / "a.tif"), Image(membrane_image(lab), (1.0, 1.0, 1.0)))
+    write_image(str(tmp_path / "l" / "a.tif"), Image(lab, (1.0, 1.0, 1.0), {"is_label": True}))
+    args = (str(tmp_path / "i" / "a.tif"), str(tmp_path / "l" / "a.tif"))
+    d = float(np.median(np.cbrt(6 * np.bincount(lab.ravel())[1:] / np.pi)))
+    rs = {"cell_diameter_voxels": d, "max_shape": [24, 40, 40]}
+    centre = load_volume(*args, targets_cfg=TANH, resample_to=rs)
+    assert centre.labels.shape == (24, 40, 40) and centre.labels.all()  # the middle of the tissue
+    crops = [load_volume(*args, targets_cfg=TANH, resample_to=dict(rs, crop="random"), seed=k) for k in range(6)]
+    assert all(c.labels.shape == (24, 40, 40) and c.labels.any() for c in crops)
+    assert any((c.labels == 0).mean() > 0.05 for c in crops)  # some reach the background rim
+    assert len({c.labels.tobytes() for c in crops}) > 1  # different volumes, different places
+    again = load_volume(*args, targets_cfg=TANH, resample_to=dict(rs, crop="random"), seed=3)
+    np.testing.assert_array_equal(again.labels, crops[3].labels)
+    np.testing.assert_array_equal(again.image, crops[3].image)  # image and labels cropped alike
+    with pytest.raises(C3DError, match="crop"):
+        load_volume(*args, targets_cfg=TANH, resample_to=dict(rs, crop="corner"))
+
+
 def test_model_scale_is_the_volumes_median_as_the_estimate_measures_it(dataset):
     """The scale stored in a model is the median over volumes of each volume's median cell (interior
     cells, before the training crop) in voxels of its training grid, whatever the crop; the median
@@ -265,6 +290,43 @@ def test_training_lowers_loss_resumes_exports_and_predicts(dataset, tmp_path):
     assert [o.data.shape for o in outs] == [vol.shape] * 4
     assert 0 <= outs[0].data.min() and outs[0].data.max() <= 1
     assert np.abs(outs[1].data).max() < 1
+
+
+def test_init_starts_from_a_checkpoints_weights(dataset, tmp_path):
+    from c3dseg.training.cli import train_main
+    from c3dseg.training.export import load_checkpoint
+
+    src = tmp_path / "src"
+    train(resolve_config(_config(dataset, src, 2)), progress=False)
+    w0 = load_checkpoint(str(src / "last.pt"))["model"]
+    # zero steps of training is not allowed; one step at a tiny learning rate moves the weights little
+    c = _config(dataset, tmp_path / "ft", 1)
+    c["train"].update(init=str(src / "last.pt"), lr=1e-9, warmup_steps=1)
+    c["export"] = {"onnx": False}
+    res = train(resolve_config(c), progress=False)
+    ck = load_checkpoint(str(tmp_path / "ft" / "last.pt"))
+    assert res["steps"] == 1 and ck["state"]["step"] == 1  # a new run: its own step count
+    for k, v in w0.items():
+        torch.testing.assert_close(ck["model"][k], v, atol=1e-5, rtol=0)
+    fresh = _config(dataset, tmp_path / "fresh", 1)
+    fresh["export"] = {"onnx": False}
+    train(resolve_config(fresh), progress=False)
+    other = load_checkpoint(str(tmp_path / "fresh" / "last.pt"))["model"]
+    assert any(not torch.allclose(other[k], v) for k, v in w0.items())
+    # errors: a missing file, another architecture
+    with pytest.raises(C3DError, match="train.init"):
+        resolve_config(dict(c, train=dict(c["train"], init=str(tmp_path / "nope.pt"))))
+    wide = _config(dataset, tmp_path / "wide", 1)
+    wide["model"] = {"base_width": 8, "depth": 2}
+    wide["train"]["init"] = str(src / "last.pt")
+    with pytest.raises(C3DError, match="train.init.*base_width"):
+        train(resolve_config(wide), progress=False)
+    assert not (tmp_path / "wide" / "last.pt").exists()
+    import yaml
+
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(dataset, tmp_path / "cli", 1)))
+    assert train_main([str(cfg_path), "--init", str(tmp_path / "nope.pt"), "-q"]) == 2
 
 
 def test_export_parity_metadata_and_cli(dataset, tmp_path):

@@ -48,6 +48,8 @@ def train_main(argv=None) -> int:
     parser.add_argument("--out", help="output folder (out)")
     parser.add_argument("--threads", type=int, help="torch threads (threads; 0 = all cores)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    parser.add_argument("--init", metavar="CHECKPOINT",
+                        help="start from this checkpoint's weights, e.g. to fine-tune on your own data (train.init)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -71,6 +73,8 @@ def train_main(argv=None) -> int:
         base = os.path.dirname(os.path.abspath(args.config))
         if args.out:
             raw["out"] = os.path.abspath(args.out)
+        if args.init:
+            set_key(raw, "train.init", os.path.abspath(args.init))
         cfg = resolve_config(raw, base_dir=base)
         result = train(cfg, resume=args.resume, progress=False if args.no_progress else None)
     except C3DError as e:

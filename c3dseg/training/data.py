@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, ParameterError
 from ..normalisation import apply_range, percentile_range
 
 log = logging.getLogger("c3dseg")
@@ -232,16 +232,32 @@ def _resample(data: np.ndarray, factors, order: int) -> np.ndarray:
     return ndi.zoom(data, factors, order=order, mode="nearest", grid_mode=True)
 
 
-def _crop_around_cells(img: np.ndarray, lab: np.ndarray, max_shape) -> tuple[np.ndarray, np.ndarray]:
-    """At most ``max_shape``, centred on the labelled cells' bounding box."""
+CROP_MODES = ("centre", "random")
+
+
+def _crop_centre(lab: np.ndarray, mode: str, seed: int) -> list[float]:
+    """Where a ``max_shape`` crop is centred: the labelled cells' bounding box (``centre``), or a
+    labelled voxel drawn with ``seed`` (``random``: the crop keeps tissue, and where that voxel
+    lies near the tissue's edge, the background around it, which the network must learn too)."""
+    idx = np.nonzero(lab)
+    if not idx[0].size:
+        return [n / 2 for n in lab.shape]
+    if mode == "random":
+        k = int(np.random.default_rng([seed, 7919]).integers(idx[0].size))
+        return [float(i[k]) for i in idx]
+    return [(int(i.min()) + int(i.max())) // 2 for i in idx]
+
+
+def _crop_around_cells(img: np.ndarray, lab: np.ndarray, max_shape, centre=None) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``max_shape``, centred on ``centre`` (default: the labelled cells' bounding box)."""
     if all(n <= m for n, m in zip(lab.shape, max_shape)):
         return img, lab
-    idx = np.nonzero(lab)
-    centre = [int((i.min() + i.max()) // 2) if i.size else n // 2 for i, n in zip(idx, lab.shape)]
+    if centre is None:
+        centre = _crop_centre(lab, "centre", 0)
     sl = []
     for c, n, m in zip(centre, lab.shape, max_shape):
         m = min(int(m), n)
-        start = min(max(0, c - m // 2), n - m)
+        start = min(max(0, int(round(c)) - m // 2), n - m)
         sl.append(slice(start, start + m))
     return img[tuple(sl)], lab[tuple(sl)]
 
@@ -314,16 +330,25 @@ def load_volume(image_path: str, label_path: str, *, spacing=None, norm_cfg: dic
     median_um = volume_median_diameter(lab, sp_img) if lab.any() else float("nan")
     if isinstance(resample_to, dict):  # {"cell_diameter_voxels": D}: isotropic, median cell D voxels across
         max_shape = resample_to.get("max_shape")
+        crop = resample_to.get("crop", "centre")
+        if crop not in CROP_MODES:
+            raise ParameterError(f"expected one of {'|'.join(CROP_MODES)}, got {crop!r}", key="data.resample_to.crop")
         iso = model_scale_spacing(lab, sp_img, resample_to)
         resample_to = (iso, iso, iso) if np.isfinite(iso) else None
     if resample_to is not None:
         factors = [s / t for s, t in zip(sp_img, resample_to)]
+        centre = None
         if max_shape is not None:  # crop before resampling so that memory stays bounded
-            img, lab = _crop_around_cells(img, lab, [int(np.ceil(m / f)) + 2 for m, f in zip(max_shape, factors)])
+            centre = _crop_centre(lab, crop, seed)
+            first = [int(np.ceil(m / f)) + 2 for m, f in zip(max_shape, factors)]
+            starts = [min(max(0, int(round(c)) - min(m, n) // 2), n - min(m, n))
+                      for c, n, m in zip(centre, lab.shape, first)]
+            img, lab = _crop_around_cells(img, lab, first, centre)
+            centre = [(c - s0 + 0.5) * f - 0.5 for c, s0, f in zip(centre, starts, factors)]
         img = _resample(np.asarray(img, np.float32), factors, 1)
         lab = _resample(lab, factors, 0)
         if max_shape is not None:
-            img, lab = _crop_around_cells(img, lab, max_shape)
+            img, lab = _crop_around_cells(img, lab, max_shape, centre if crop == "random" else None)
         spacing_used = tuple(float(t) for t in resample_to)
     image = normalise_image(img, norm_cfg)
     # float16 in memory (half the size; flows in (-1, 1) keep ~1e-3 precision); patches are float32

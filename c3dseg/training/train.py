@@ -67,6 +67,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "targets": {"flow_type": "tanh", "flow_scale": "adaptive", "flow_scale_um": False, "foreground": "union"},
     "model": {"base_width": 16, "depth": 3, "norm": "instance", "norm_first_level": False},
     "train": {
+        "init": None,           # a checkpoint (.pt) whose weights start the run (fine-tuning); fresh optimizer
         "steps": 4000,
         "max_minutes": 0,       # stop after this much training time (0 = no limit); counts across resumes
         "patch_size": [64, 64, 64],
@@ -130,6 +131,10 @@ def resolve_config(config: dict | None, base_dir: str = ".") -> dict:
     if not os.path.isabs(cfg["out"]):
         cfg["out"] = os.path.normpath(os.path.join(base_dir, cfg["out"]))
     t = cfg["train"]
+    if t["init"]:
+        t["init"] = os.path.normpath(os.path.join(base_dir, str(t["init"])))
+        if not os.path.isfile(t["init"]):
+            raise ParameterError(f"train.init: checkpoint not found: {t['init']}", key="train.init")
     ps = t["patch_size"]
     if isinstance(ps, int):
         ps = [ps] * 3
@@ -504,6 +509,23 @@ def _make_optimizer(model, tcfg):
     return torch.optim.AdamW(params, lr=float(tcfg["lr"]), weight_decay=float(tcfg["weight_decay"]))
 
 
+def _init_weights(model, path: str, device) -> None:
+    """Start from the weights of checkpoint ``path`` (train.init): same architecture required."""
+    try:
+        ck = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line error
+        raise ParameterError(f"train.init: {path} is not a c3dseg checkpoint ({e.__class__.__name__})",
+                             key="train.init") from None
+    if not isinstance(ck, dict) or "model" not in ck:
+        raise ParameterError(f"train.init: {path} is not a c3dseg checkpoint (no model weights)", key="train.init")
+    if ck.get("model_config") != model.config:
+        raise ParameterError(f"train.init: {path} holds model {ck.get('model_config')}, the config asks for "
+                             f"{model.config}", key="train.init")
+    model.load_state_dict(ck["model"])
+    log.info("initialised from %s (trained %s steps); new optimizer and schedule", path,
+             ck.get("state", {}).get("step", "?"))
+
+
 def train(config: dict, *, resume: bool = False, progress: bool | None = None) -> dict:
     """Train a network.  ``config`` as from :func:`resolve_config`.  Returns a summary dict
     (``steps``, ``best`` score, ``out`` folder, paths of checkpoints and log)."""
@@ -564,6 +586,9 @@ def train(config: dict, *, resume: bool = False, progress: bool | None = None) -
             log.info("resumed from %s at step %d", last_path, state["step"])
         else:
             log.warning("--resume: no checkpoint in %s; starting from scratch", out)
+            resume = False
+    if not resume and tcfg["init"]:
+        _init_weights(model, tcfg["init"], device)
     if val_volumes:
         load_segmentation_tools()
     from .export import export_onnx  # imported now: the run ends with the code it started with
