@@ -248,18 +248,22 @@ def _crop_centre(lab: np.ndarray, mode: str, seed: int) -> list[float]:
     return [(int(i.min()) + int(i.max())) // 2 for i in idx]
 
 
+def _crop_slices(shape, max_shape, centre) -> tuple[slice, ...]:
+    """The box of at most ``max_shape`` centred on ``centre`` (kept inside ``shape``)."""
+    sl = []
+    for c, n, m in zip(centre, shape, max_shape):
+        m = min(int(m), n)
+        start = min(max(0, int(round(c)) - m // 2), n - m)
+        sl.append(slice(start, start + m))
+    return tuple(sl)
+
+
 def _crop_around_cells(img: np.ndarray, lab: np.ndarray, max_shape, centre=None) -> tuple[np.ndarray, np.ndarray]:
     """At most ``max_shape``, centred on ``centre`` (default: the labelled cells' bounding box)."""
     if all(n <= m for n, m in zip(lab.shape, max_shape)):
         return img, lab
-    if centre is None:
-        centre = _crop_centre(lab, "centre", 0)
-    sl = []
-    for c, n, m in zip(centre, lab.shape, max_shape):
-        m = min(int(m), n)
-        start = min(max(0, int(round(c)) - m // 2), n - m)
-        sl.append(slice(start, start + m))
-    return img[tuple(sl)], lab[tuple(sl)]
+    sl = _crop_slices(lab.shape, max_shape, _crop_centre(lab, "centre", 0) if centre is None else centre)
+    return img[sl], lab[sl]
 
 
 _CACHE_VERSION = 1
@@ -341,10 +345,9 @@ def load_volume(image_path: str, label_path: str, *, spacing=None, norm_cfg: dic
         if max_shape is not None:  # crop before resampling so that memory stays bounded
             centre = _crop_centre(lab, crop, seed)
             first = [int(np.ceil(m / f)) + 2 for m, f in zip(max_shape, factors)]
-            starts = [min(max(0, int(round(c)) - min(m, n) // 2), n - min(m, n))
-                      for c, n, m in zip(centre, lab.shape, first)]
-            img, lab = _crop_around_cells(img, lab, first, centre)
-            centre = [(c - s0 + 0.5) * f - 0.5 for c, s0, f in zip(centre, starts, factors)]
+            box = _crop_slices(lab.shape, first, centre)
+            img, lab = img[box], lab[box]
+            centre = [(c - b.start + 0.5) * f - 0.5 for c, b, f in zip(centre, box, factors)]
         img = _resample(np.asarray(img, np.float32), factors, 1)
         lab = _resample(lab, factors, 0)
         if max_shape is not None:
