@@ -306,6 +306,17 @@ def test_init_starts_from_a_checkpoints_weights(dataset, tmp_path):
     res = train(resolve_config(c), progress=False)
     ck = load_checkpoint(str(tmp_path / "ft" / "last.pt"))
     assert res["steps"] == 1 and ck["state"]["step"] == 1  # a new run: its own step count
+    assert ck["state"]["init_steps"] == 2  # ... and the steps of the weights it started from
+    from c3dseg.training.export import metadata_from_checkpoint
+
+    meta = metadata_from_checkpoint(ck, 17)
+    assert (meta["training_steps"], meta["init_training_steps"], meta["total_training_steps"]) == ("1", "2", "3")
+    # a chain: fine-tuning the fine-tuned run counts all three runs
+    c2 = _config(dataset, tmp_path / "ft2", 1)
+    c2["train"].update(init=str(tmp_path / "ft" / "last.pt"))
+    c2["export"] = {"onnx": False}
+    train(resolve_config(c2), progress=False)
+    assert metadata_from_checkpoint(load_checkpoint(str(tmp_path / "ft2" / "last.pt")), 17)["total_training_steps"] == "4"
     for k, v in w0.items():
         torch.testing.assert_close(ck["model"][k], v, atol=1e-5, rtol=0)
     fresh = _config(dataset, tmp_path / "fresh", 1)

@@ -95,6 +95,9 @@ def metadata_from_checkpoint(ck: dict, opset: int) -> dict[str, str]:
         "opset": str(opset),
         "model_config": json.dumps(net_cfg, sort_keys=True),
         "training_steps": str(state.get("step", "")),
+        # with train.init (fine-tuning): the steps of the weights it started from, and the sum
+        "init_training_steps": str(int(state.get("init_steps", 0))),
+        "total_training_steps": str(int(state.get("init_steps", 0)) + int(state.get("step", 0))),
         # the exported weights' own in-training validation score (empty when they were not scored
         # at their step, e.g. a checkpoint between validations), and the run's best so far
         "validation_score": _score_text(state.get("score") if state.get("validated_step") == state.get("step")

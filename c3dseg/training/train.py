@@ -509,8 +509,9 @@ def _make_optimizer(model, tcfg):
     return torch.optim.AdamW(params, lr=float(tcfg["lr"]), weight_decay=float(tcfg["weight_decay"]))
 
 
-def _init_weights(model, path: str, device) -> None:
-    """Start from the weights of checkpoint ``path`` (train.init): same architecture required."""
+def _init_weights(model, path: str, device) -> int:
+    """Start from the weights of checkpoint ``path`` (train.init): same architecture required.
+    Returns the steps those weights were trained for, over their whole ``--init`` chain."""
     try:
         ck = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line error
@@ -522,8 +523,10 @@ def _init_weights(model, path: str, device) -> None:
         raise ParameterError(f"train.init: {path} holds model {ck.get('model_config')}, the config asks for "
                              f"{model.config}", key="train.init")
     model.load_state_dict(ck["model"])
-    log.info("initialised from %s (trained %s steps); new optimizer and schedule", path,
-             ck.get("state", {}).get("step", "?"))
+    src = ck.get("state", {})
+    steps = int(src.get("init_steps", 0)) + int(src.get("step", 0))
+    log.info("initialised from %s (trained %d steps); new optimizer and schedule", path, steps)
+    return steps
 
 
 def train(config: dict, *, resume: bool = False, progress: bool | None = None) -> dict:
@@ -572,7 +575,9 @@ def train(config: dict, *, resume: bool = False, progress: bool | None = None) -
     log.info("U-Net: %d parameters, base width %d, depth %d", count_parameters(model), model.config["base_width"],
              model.depth)
     opt = _make_optimizer(model, tcfg)
-    state = {"step": 0, "elapsed_s": 0.0, "best": None, "best_step": None, "bad_steps": 0, "validated_step": None}
+    # init_steps: steps of the weights a train.init run started from (0 for a fresh run)
+    state = {"step": 0, "elapsed_s": 0.0, "best": None, "best_step": None, "bad_steps": 0, "validated_step": None,
+             "init_steps": 0}
     last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
     if resume:
         if os.path.isfile(last_path):
@@ -588,7 +593,7 @@ def train(config: dict, *, resume: bool = False, progress: bool | None = None) -
             log.warning("--resume: no checkpoint in %s; starting from scratch", out)
             resume = False
     if not resume and tcfg["init"]:
-        _init_weights(model, tcfg["init"], device)
+        state["init_steps"] = _init_weights(model, tcfg["init"], device)
     if val_volumes:
         load_segmentation_tools()
     from .export import export_onnx  # imported now: the run ends with the code it started with
