@@ -179,6 +179,26 @@ def seeded_watershed(image, spacing=(1.0, 1.0, 1.0), *, diameter_um=None, smooth
     return labels
 
 
+def wall_box_sizes(spacing, diameter_um, reach=0.75):
+    """Box edges (voxels per axis) of :func:`wall_density`: the local mean's (one cell across) and
+    the density's (``2 * reach`` cells across)."""
+    size = [max(3, 2 * int(round(0.5 * float(diameter_um) / s)) + 1) for s in spacing]
+    reach_size = [max(3, 2 * int(round(reach * float(diameter_um) / s)) + 1) for s in spacing]
+    return size, reach_size
+
+
+def wall_density(g, spacing, diameter_um, noise, *, k=3.0, reach=0.75):
+    """Fraction of wall voxels within ``reach`` cell diameters (a box), per voxel (float32).
+
+    Wall voxels are those of the smoothed image ``g`` brighter than their neighbourhood (a box
+    about one cell across) by ``k`` x ``noise`` (the noise standard deviation of ``g``).  Local:
+    each voxel depends on the boxes around it only (:func:`wall_box_sizes`)."""
+    size, reach_size = wall_box_sizes(spacing, diameter_um, reach)
+    local = ndimage.uniform_filter(g, size=size, mode="nearest")
+    walls = g > local + k * max(float(noise), 1e-6)
+    return ndimage.uniform_filter(walls.astype(np.float32), size=reach_size, mode="constant")
+
+
 def tissue_mask(g, spacing, diameter_um, *, noise=None, k=3.0, reach=0.75, min_density=0.02,
                 min_fraction=0.02, min_tissue=0.05):
     """Tissue (True) versus an empty surround, from the structure of a smoothed membrane image.
@@ -200,12 +220,7 @@ def tissue_mask(g, spacing, diameter_um, *, noise=None, k=3.0, reach=0.75, min_d
     """
     if noise is None:
         noise = noise_sigma(g)
-    size = [max(3, 2 * int(round(0.5 * float(diameter_um) / s)) + 1) for s in spacing]
-    local = ndimage.uniform_filter(g, size=size, mode="nearest")
-    walls = g > local + k * max(float(noise), 1e-6)
-    reach_size = [max(3, 2 * int(round(reach * float(diameter_um) / s)) + 1) for s in spacing]
-    density = ndimage.uniform_filter(walls.astype(np.float32), size=reach_size, mode="constant")
-    tissue = density > min_density
+    tissue = wall_density(g, spacing, diameter_um, noise, k=k, reach=reach) > min_density
     lab, n = ndimage.label(tissue)
     if n > 1:
         vol = np.bincount(lab.ravel())

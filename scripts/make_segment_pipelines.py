@@ -34,6 +34,10 @@ REFINE_DIAMETER = False
 #: the filter works on the model's grid, so the threshold follows the model's scale.
 MIN_RADIUS_FRACTION = 0.2
 
+#: Cells with less than this fraction of their voxels in the TissueMask (the voxels near visible
+#: walls) are removed: the networks also find "cells" in the noisy, empty surround of a specimen.
+TISSUE_OVERLAP = 0.5
+
 
 def item(n, name, inputs=(), values=None, description=None):
     """``inputs``: (source item number or "cmd", output number) per image port."""
@@ -88,8 +92,12 @@ def segment(flow_type: str, model: str) -> etree._Element:
         item(12, "InstanceAxisRatioFilter", [(11, 1)], {"MinAxisRatio": 0.1}),
         item(13, "ResampleImageFilter", [(12, 1), (1, 1)], {"Interpolation": "nearest"},
              "Back onto the input's grid (reference = the image read)"),
-        item(14, "RelabelConsecutiveFilter", [(13, 1)], {}),
-        item(15, "ImageWriter", [(14, 1)], {"LabelImage": "1"},
+        item(14, "TissueMask", [(2 if "EstimateCellDiameter" in registry() else 1, 1)], {},
+             "Tissue versus the empty surround, from the image alone (walls brighter than their surroundings)"),
+        item(15, "InstanceForegroundOverlapFilter", [(13, 1), (14, 1)], {"MinOverlap": TISSUE_OVERLAP},
+             "Removes cells found in the empty surround (less than MinOverlap of them in the tissue)"),
+        item(16, "RelabelConsecutiveFilter", [(15, 1)], {}),
+        item(17, "ImageWriter", [(16, 1)], {"LabelImage": "1"},
              "Writes uint16 labels with the input's calibration (-o FILE, or DIR/<name>.tif)"),
     ]
     root = etree.Element("xpiwit", nsmap={"xsi": XSI})

@@ -1,6 +1,6 @@
 """Blockwise runs across grid changes (c3dseg.blockwise.resample): resampling block by block equals
 the whole-volume resampling exactly, the cell-diameter estimate is the same number, segment.xml runs
-blockwise (model grid and back) and gives the whole-volume labels, and too small a block on the
+blockwise (model grid and back) and gives the whole-volume labels, the tissue mask is the same mask, and too small a block on the
 resampled grid is refused with the smallest valid size."""
 
 import os
@@ -198,6 +198,30 @@ def test_cell_diameter_estimate_same_number(tmp_path, client, stack):
     assert np.isfinite(ref) and d == ref and "refine" in info
 
 
+def test_tissue_mask_same_mask(tmp_path, client):
+    """TissueMask blockwise (small blocks, each read with its halo; the noise from the same central
+    box as the whole-image filter): the whole-image mask exactly, on an organ with an empty surround;
+    the diameter comes from the upstream estimate."""
+    from c3dseg import synthesis as S
+    from c3dseg.io import write_image
+
+    easy = {"photons": 300.0, "read_noise": 1.0, "faint_wall_fraction": 0.0, "speck_density": 0.0,
+            "cell_diameter_vox": 10.0, "tissue": "ovoid"}
+    image, _, spacing, _ = S.make_sample(easy, 5, shape=(24, 64, 64))
+    path = str(tmp_path / "organ.tif")
+    write_image(path, Image(image.astype(np.uint16), tuple(spacing)))
+    pipe = _write(tmp_path, "tissue",
+                  item("item_0001", "ImageReader", [("cmd", 0)]),
+                  item("item_0002", "EstimateCellDiameter", [("item_0001", 1)], params={"MaxVoxels": 32768},
+                       outputs=(("image", 1), ("meta", 1))),
+                  item("item_0003", "TissueMask", [("item_0002", 1)], params={"MaxVoxels": 32768}),
+                  item("item_0004", "ImageWriter", [("item_0003", 1)], outputs=()))
+    whole = _whole(pipe, {0: path}, str(tmp_path / "whole.tif")).data
+    assert 0.1 < whole.mean() < 0.95                       # tissue and surround both present
+    vol, _ = _blockwise(pipe, {0: path}, str(tmp_path / "bw.ome.zarr"), client, (8, 20, 20))
+    np.testing.assert_array_equal(vol.read(), whole)
+
+
 def _small_segment(tmp_path, patch=48):
     """segment.xml with small tiles (the model path made absolute)."""
     text = open(SEGMENT).read().replace('"../models/tanh.onnx"', f'"{MODEL}"')
@@ -255,14 +279,16 @@ def test_segment_pipeline_empty_stack_blockwise(tmp_path, client):
 
 
 def _without_return_to_input_grid(path, tmp_path):
-    """The pipeline at ``path`` with ResampleImageFilter and RelabelConsecutiveFilter removed: the
-    writer takes the labels of the model's grid (InstanceAxisRatioFilter's)."""
+    """The pipeline at ``path`` with everything after the instance filters of the model's grid
+    removed (ResampleImageFilter, the tissue filter, RelabelConsecutiveFilter): the writer takes the
+    labels of the model's grid (InstanceAxisRatioFilter's)."""
     from lxml import etree
 
     tree = etree.parse(path)
-    for it in tree.iter("item"):
+    for it in list(tree.iter("item")):
         name = it.findtext("name")
-        if name in ("ResampleImageFilter", "RelabelConsecutiveFilter"):
+        if name in ("ResampleImageFilter", "RelabelConsecutiveFilter", "TissueMask") or \
+                (name == "InstanceForegroundOverlapFilter" and it.get("item_id") > "item_0012"):
             it.getparent().remove(it)
         elif name == "ImageWriter":
             it.find("input/image").set("item_id_ref", "item_0012")

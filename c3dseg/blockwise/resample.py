@@ -260,3 +260,87 @@ def _resample_image(env, step, images, metas):
     out = resample_value(env, img, shape, 0 if mode == "nearest" else 1, spacing, dict(img.meta),
                          step.item.item_id)
     return [out], []
+
+
+# ---------------------------------------------------------------------------------------------
+# tissue mask
+# ---------------------------------------------------------------------------------------------
+
+def _pick_channel(data, channel: int):
+    if data.ndim == 4:
+        if not 0 <= channel < data.shape[0]:
+            raise InputError(f"channel {channel} does not exist ({data.shape[0]} channels)", key="Channel")
+        return data[channel]
+    return data
+
+
+def _tissue_noise_task(value, lo, hi, shape, channel, spacing, diameter, smoothing):
+    """Worker side: :func:`c3dseg.tissue.tissue_noise` of the central box (the whole-image filter's)."""
+    from ..tissue import tissue_noise
+
+    return tissue_noise(_pick_channel(evaluate([value], lo, hi, shape)[0], channel), spacing, diameter, smoothing)
+
+
+def _tissue_block(data, *, channel, spacing, diameter, noise, smoothing, wall_contrast, reach, min_density):
+    """One block (with its halo) of the tissue mask, the noise level fixed."""
+    from ..tissue import tissue_density
+
+    d = tissue_density(_pick_channel(data, channel), spacing, diameter, noise, smoothing=smoothing,
+                       wall_contrast=wall_contrast, reach=reach)
+    return (d > min_density).astype(np.uint8)
+
+
+def _all_tissue(data):
+    return np.ones(np.shape(data)[-3:], np.uint8)
+
+
+def _count_task(block, value):
+    from .globals import read_core
+
+    d = read_core(block, value)
+    return int(np.count_nonzero(d)), int(d.size)
+
+
+@register_global("TissueMask")
+def _tissue_mask(env, step, images, metas):
+    """The whole-image mask block by block: the noise level from the same central box, each block
+    with the context the smoothing and the two boxes read (:func:`c3dseg.tissue.tissue_halo`),
+    then the tissue fraction (a count over the blocks) for the MinTissueFraction rule."""
+    from ..filters.segmentation import warn_everything
+    from ..tissue import tissue_halo
+
+    v = images[0]
+    p = step.params
+    item = step.item.item_id
+    d = float(p["CellDiameterUm"])
+    if d <= 0:
+        d = v.meta.get("cell_diameter_um")
+        if d is None:
+            d, _, _ = estimate_diameter(env, v, channel=p["Channel"], max_voxels=p["MaxVoxels"],
+                                        name=f"{item}-diameter")
+        d = float(d)
+    meta = {"is_label": False}
+    if not (math.isfinite(d) and d > 0):
+        ones, = env.node("func", [v], func=_all_tissue, meta=meta)
+        return [ones], []
+    shape = shape_of(v)
+    lo, hi = central_box(shape, p["MaxVoxels"])
+    spacing = tuple(float(s) for s in v.spacing)
+    noise = env.rt.gather_small(_tissue_noise_task, v, lo, hi, shape, int(p["Channel"]), spacing, d,
+                                float(p["Smoothing"]))
+    kw = {"channel": int(p["Channel"]), "spacing": spacing, "diameter": d, "noise": float(noise),
+          "smoothing": float(p["Smoothing"]), "wall_contrast": float(p["WallContrast"]),
+          "reach": float(p["Reach"]), "min_density": float(p["MinDensity"])}
+    mask, = env.node("func", [v], func=_tissue_block, kwargs=kw, meta=meta,
+                     halo=tissue_halo(spacing, d, p["Smoothing"], p["Reach"]))
+    mask = env.materialise(mask, f"{item}-tissue")
+    counts = env.reduce(f"{item}-tissue-count", _count_task, mask)
+    n = sum(c[0] for c in counts.values())
+    total = sum(c[1] for c in counts.values())
+    frac = n / total if total else 1.0
+    if frac < p["MinTissueFraction"]:
+        warn_everything("TissueMask", v.meta.get("basename", item), frac)
+        ones, = env.node("func", [v], func=_all_tissue, meta=meta)
+        return [ones], []
+    log.info("%s: %.1f %% of the image is tissue", item, 100.0 * frac)
+    return [mask], []

@@ -1,5 +1,5 @@
-"""Classical segmentation filters: the cell-diameter estimate and the seeded-watershed baseline.
-Thin adapters over :mod:`c3dseg.diameter` and :mod:`c3dseg.watershed`."""
+"""Classical segmentation filters: the cell-diameter estimate, the seeded-watershed baseline and the
+tissue mask.  Thin adapters over :mod:`c3dseg.diameter`, :mod:`c3dseg.watershed` and :mod:`c3dseg.tissue`."""
 
 from __future__ import annotations
 
@@ -120,3 +120,71 @@ class SeededWatershed(Filter):
         if labels.dtype == np.uint32:
             log.warning("%s: %d cells exceed 65535: uint32 labels", self.name, int(labels.max()))
         return [img.derive(labels, is_label=True)], []
+
+
+def mask_diameter(p, img, data):
+    """The cell diameter (um) TissueMask uses: CellDiameterUm, else the upstream estimate (meta
+    ``cell_diameter_um``), else one made here; NaN when the image holds no cells."""
+    d = p["CellDiameterUm"]
+    if d > 0:
+        return float(d)
+    d = img.meta.get("cell_diameter_um")
+    if d is None:
+        d = estimate_cell_diameter(data, img.spacing, max_voxels=p["MaxVoxels"])
+    return float(d)
+
+
+def warn_everything(name, basename, fraction):
+    log.warning("%s: %s: only %.1f %% of the image lies near visible walls (walls too faint to tell tissue "
+                "from surround); every voxel counts as tissue", name, basename, 100.0 * fraction)
+
+
+@register
+class TissueMask(Filter):
+    """:func:`c3dseg.tissue.tissue_mask_image` as a filter."""
+
+    name = "TissueMask"
+    description = ("Tissue (1) versus empty surround (0) of a membrane image: voxels within Reach cell diameters of "
+                   "walls brighter than their surroundings by WallContrast x the noise. With "
+                   "InstanceForegroundOverlapFilter it removes cells found in the noisy background.")
+    category = "ImageFilter"
+    #: the same noise level (central box) and the mask block by block with its halo: c3dseg.blockwise.globals
+    blockwise = "global"
+    inputs = (Port("image", "image", "Membrane image (ZYX, or CZYX with Channel)"),)
+    outputs = (Port("image", "mask", "uint8: 1 tissue, 0 surround"),)
+    params = (
+        Param("CellDiameterUm", "double", 0.0,
+              "Typical cell diameter; 0: the upstream estimate (meta cell_diameter_um) or one made here.",
+              min=0.0, unit="um"),
+        Param("Smoothing", "double", 0.1, "Gaussian sigma as a fraction of the cell diameter (at least half a "
+              "lateral voxel).", min=0.0, max=1.0),
+        Param("WallContrast", "double", 3.0, "A wall voxel is brighter than the mean of a box one cell across "
+              "by this many noise standard deviations (of the smoothed image).", min=0.0),
+        Param("Reach", "double", 0.75, "Tissue lies within this many cell diameters of wall voxels.", min=0.05,
+              max=10.0),
+        Param("MinDensity", "double", 0.02, "Fraction of wall voxels within Reach that makes a voxel tissue.",
+              min=0.0, max=1.0),
+        Param("MinTissueFraction", "double", 0.05, "Below this fraction of tissue the walls are too faint to "
+              "tell: every voxel counts as tissue (with a warning).", min=0.0, max=1.0),
+        Param("MaxVoxels", "int", 4_000_000, "The noise level is measured on a central block of about this many "
+              "voxels (the block EstimateCellDiameter reads).", min=32768),
+        Param("Channel", "int", 0, "Channel measured when the image has several (0-based).", min=0),
+    )
+
+    def run(self, images, metas):
+        from ..tissue import tissue_mask_image
+
+        img = images[0]
+        data = _channel(img, self.p["Channel"])
+        d = mask_diameter(self.p, img, data)
+        if not (math.isfinite(d) and d > 0):     # no cells: nothing to tell apart
+            return [img.derive(np.ones(data.shape, np.uint8), is_label=False)], []
+        mask, info = tissue_mask_image(data, img.spacing, d, smoothing=self.p["Smoothing"],
+                                       wall_contrast=self.p["WallContrast"], reach=self.p["Reach"],
+                                       min_density=self.p["MinDensity"], min_fraction=self.p["MinTissueFraction"],
+                                       max_voxels=self.p["MaxVoxels"], return_details=True)
+        if info["everything"]:
+            warn_everything(self.name, img.basename, info["fraction"])
+        else:
+            log.info("%s: %s: %.1f %% of the image is tissue", self.name, img.basename, 100.0 * info["fraction"])
+        return [img.derive(mask.astype(np.uint8), is_label=False)], []
