@@ -158,7 +158,7 @@ class TissueMask(Filter):
               min=0.0, unit="um"),
         Param("Smoothing", "double", 0.1, "Gaussian sigma as a fraction of the cell diameter (at least half a "
               "lateral voxel).", min=0.0, max=1.0),
-        Param("WallContrast", "double", 3.0, "A wall voxel is brighter than the mean of a box one cell across "
+        Param("WallContrast", "double", 2.5, "A wall voxel is brighter than the mean of a box one cell across "
               "by this many noise standard deviations (of the smoothed image).", min=0.0),
         Param("Reach", "double", 0.75, "Tissue lies within this many cell diameters of wall voxels.", min=0.05,
               max=10.0),
