@@ -2,6 +2,8 @@
 image, and the cells it removes from segment.xml's result."""
 
 import logging
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -12,9 +14,8 @@ from c3dseg.image import Image
 from c3dseg.reconstruction import filter_by_foreground_overlap
 from c3dseg.tissue import tissue_halo, tissue_mask_image
 
-EASY = {"photons": 300.0, "read_noise": 1.0, "haze": 0.05, "faint_wall_fraction": 0.0, "speck_density": 0.0,
-        "anisotropy": 1.5, "cell_diameter_vox": 12.0, "wall_texture": 0.1, "depth_decay": 0.3,
-        "illumination": 0.1, "stretch": 1.2, "size_cv": 0.1, "size_gradient": 0.1}
+sys.path.insert(0, os.path.dirname(__file__))
+from test_diameter import EASY  # noqa: E402  (the same clean imaging settings)
 
 
 @pytest.fixture(scope="module")

@@ -148,7 +148,7 @@ class TissueMask(Filter):
                    "walls brighter than their surroundings by WallContrast x the noise. With "
                    "InstanceForegroundOverlapFilter it removes cells found in the noisy background.")
     category = "ImageFilter"
-    #: the same noise level (central box) and the mask block by block with its halo: c3dseg.blockwise.globals
+    #: the same noise level (central box) and the mask block by block with its halo: c3dseg.blockwise.resample
     blockwise = "global"
     inputs = (Port("image", "image", "Membrane image (ZYX, or CZYX with Channel)"),)
     outputs = (Port("image", "mask", "uint8: 1 tissue, 0 surround"),)
