@@ -79,6 +79,18 @@ def test_disagreement_warning(caplog):
     assert [r for r in caplog.records if "disagrees" in r.getMessage() and "12" in r.getMessage()]
 
 
+def test_max_upsampling_allows_the_20_voxel_scale():
+    """Coarse z steps and small cells at the tanh model's scale need 8-9x along z: allowed by the
+    default MaxUpsampling (12); past it, a one-line error naming CellDiameterUm."""
+    from c3dseg.errors import C3DError
+
+    # z spacing 1 um, cells 1 um across at 8 voxels per cell: iso spacing 0.125 um, z zoom 8
+    out = _resample({"CellDiameterUm": 1.0}, {}, shape=(2, 3, 3))
+    assert out.spacing == pytest.approx((0.125, 0.125, 0.125)) and out.data.shape[0] == 16
+    with pytest.raises(C3DError, match="CellDiameterUm.*MaxUpsampling 12"):
+        _resample({"CellDiameterUm": 0.6}, {}, shape=(2, 3, 3))    # z zoom 13.3
+
+
 def test_no_cells_meta_gives_a_small_stand_in(caplog):
     with caplog.at_level(logging.WARNING, logger="c3dseg"):
         out = _resample({"CellDiameterUm": 4.0}, {"cell_diameter_um": float("nan"), "no_cells": True},

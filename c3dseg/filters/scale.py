@@ -93,9 +93,10 @@ class ResampleToModelScale(Filter):
         Param("ModelCellDiameterVoxels", "double", 0.0,
               "Cell diameter in voxels the model was trained at; 0: from the model's metadata.", min=0.0,
               unit="voxels"),
-        Param("MaxUpsampling", "double", 8.0,
+        Param("MaxUpsampling", "double", 12.0,
               "Largest zoom factor along any axis (guards against a wrong diameter blowing up memory; the z "
-              "axis of a stack with z steps 2-4x its xy spacing and small cells legitimately needs 5-6x).",
+              "axis of a stack with z steps 2-4x its xy spacing and small cells legitimately needs 8-9x at "
+              "the tanh model's scale of 20 voxels per cell).",
               min=1.0),
     )
 
