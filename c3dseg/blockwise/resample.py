@@ -30,7 +30,6 @@ import os
 
 import numpy as np
 
-from ..errors import InputError
 from ..image import MetaTable
 from ..resampling import _out_dtype, output_shape, output_spacing, resample_box, source_box
 from .globals import register_global
@@ -77,11 +76,9 @@ def _diameter_task(value, lo, hi, shape, channel, spacing, max_voxels, model=Non
     """Worker side: the estimate on the central box (the very array the whole-image filter measures)."""
     from ..diameter import estimate_cell_diameter
 
-    data = evaluate([value], lo, hi, shape)[0]
-    if data.ndim == 4:
-        if not 0 <= channel < data.shape[0]:
-            raise InputError(f"channel {channel} does not exist ({data.shape[0]} channels)", key="Channel")
-        data = data[channel]
+    from ..filters.segmentation import channel_of
+
+    data = channel_of(evaluate([value], lo, hi, shape)[0], channel)
     d, info = estimate_cell_diameter(data, spacing, max_voxels=max_voxels, model=model or None,
                                      return_details=True)
     regions = info["passes"][-1][2] if info["passes"] else 0
@@ -266,26 +263,20 @@ def _resample_image(env, step, images, metas):
 # tissue mask
 # ---------------------------------------------------------------------------------------------
 
-def _pick_channel(data, channel: int):
-    if data.ndim == 4:
-        if not 0 <= channel < data.shape[0]:
-            raise InputError(f"channel {channel} does not exist ({data.shape[0]} channels)", key="Channel")
-        return data[channel]
-    return data
-
-
 def _tissue_noise_task(value, lo, hi, shape, channel, spacing, diameter, smoothing):
     """Worker side: :func:`c3dseg.tissue.tissue_noise` of the central box (the whole-image filter's)."""
+    from ..filters.segmentation import channel_of
     from ..tissue import tissue_noise
 
-    return tissue_noise(_pick_channel(evaluate([value], lo, hi, shape)[0], channel), spacing, diameter, smoothing)
+    return tissue_noise(channel_of(evaluate([value], lo, hi, shape)[0], channel), spacing, diameter, smoothing)
 
 
 def _tissue_block(data, *, channel, spacing, diameter, noise, smoothing, wall_contrast, reach, min_density):
     """One block (with its halo) of the tissue mask, the noise level fixed."""
+    from ..filters.segmentation import channel_of
     from ..tissue import tissue_density
 
-    d = tissue_density(_pick_channel(data, channel), spacing, diameter, noise, smoothing=smoothing,
+    d = tissue_density(channel_of(data, channel), spacing, diameter, noise, smoothing=smoothing,
                        wall_contrast=wall_contrast, reach=reach)
     return (d > min_density).astype(np.uint8)
 
@@ -306,19 +297,14 @@ def _tissue_mask(env, step, images, metas):
     """The whole-image mask block by block: the noise level from the same central box, each block
     with the context the smoothing and the two boxes read (:func:`c3dseg.tissue.tissue_halo`),
     then the tissue fraction (a count over the blocks) for the MinTissueFraction rule."""
-    from ..filters.segmentation import warn_everything
+    from ..filters.segmentation import mask_diameter, warn_everything
     from ..tissue import tissue_halo
 
     v = images[0]
     p = step.params
     item = step.item.item_id
-    d = float(p["CellDiameterUm"])
-    if d <= 0:
-        d = v.meta.get("cell_diameter_um")
-        if d is None:
-            d, _, _ = estimate_diameter(env, v, channel=p["Channel"], max_voxels=p["MaxVoxels"],
-                                        name=f"{item}-diameter")
-        d = float(d)
+    d = mask_diameter(p, v.meta, lambda: estimate_diameter(env, v, channel=p["Channel"], max_voxels=p["MaxVoxels"],
+                                                           name=f"{item}-diameter")[0])
     meta = {"is_label": False}
     if not (math.isfinite(d) and d > 0):
         ones, = env.node("func", [v], func=_all_tissue, meta=meta)

@@ -18,12 +18,17 @@ from .base import Filter, Port, register
 log = logging.getLogger("c3dseg")
 
 
-def _channel(img, channel):
-    data = img.data
+def channel_of(data, channel):
+    """Channel ``channel`` of a CZYX array; a ZYX array as it is (also for blockwise tasks)."""
     if data.ndim == 4:
         if not 0 <= channel < data.shape[0]:
             raise InputError(f"channel {channel} does not exist ({data.shape[0]} channels)", key="Channel")
         return data[channel]
+    return data
+
+
+def _channel(img, channel):
+    data = channel_of(img.data, channel)
     if data.ndim != 3:
         raise InputError(f"expected a 3D image, got shape {data.shape}")
     return data
@@ -122,16 +127,15 @@ class SeededWatershed(Filter):
         return [img.derive(labels, is_label=True)], []
 
 
-def mask_diameter(p, img, data):
+def mask_diameter(p, meta, estimate):
     """The cell diameter (um) TissueMask uses: CellDiameterUm, else the upstream estimate (meta
-    ``cell_diameter_um``), else one made here; NaN when the image holds no cells."""
+    ``cell_diameter_um``), else ``estimate()`` (one made here; whole image or blockwise); NaN when
+    the image holds no cells."""
     d = p["CellDiameterUm"]
     if d > 0:
         return float(d)
-    d = img.meta.get("cell_diameter_um")
-    if d is None:
-        d = estimate_cell_diameter(data, img.spacing, max_voxels=p["MaxVoxels"])
-    return float(d)
+    d = meta.get("cell_diameter_um")
+    return float(estimate() if d is None else d)
 
 
 def warn_everything(name, basename, fraction):
@@ -176,7 +180,8 @@ class TissueMask(Filter):
 
         img = images[0]
         data = _channel(img, self.p["Channel"])
-        d = mask_diameter(self.p, img, data)
+        d = mask_diameter(self.p, img.meta,
+                          lambda: estimate_cell_diameter(data, img.spacing, max_voxels=self.p["MaxVoxels"]))
         if not (math.isfinite(d) and d > 0):     # no cells: nothing to tell apart
             return [img.derive(np.ones(data.shape, np.uint8), is_label=False)], []
         mask, info = tissue_mask_image(data, img.spacing, d, smoothing=self.p["Smoothing"],
