@@ -17,6 +17,10 @@
 ``--variant NAME MODEL ITEM.KEY=VALUE ...`` adds a method: the ``MODEL`` (tanh or heat) pipeline with
 those ``c3d-run --set`` values, scored beside the others in the same run, e.g. test-time
 augmentation: ``--models tanh --variant tanh-tta tanh OnnxModel.TestTimeAugmentation=xyz``.
+
+``--pairs NAME=DIR`` adds a set of your own: ``DIR/images`` and ``DIR/labels`` matched by name (as
+``c3d-eval`` matches folders), e.g. annotated stacks of your own or those of another generator
+(``benchmarks/othergen.py``); ``--n 0 --ood 0`` leaves the synthetic sets out.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ sys.path.insert(0, ROOT)
 
 from c3dseg.diameter import estimate_cell_diameter  # noqa: E402
 from c3dseg.io import read_image, write_image  # noqa: E402
+from c3dseg.evaluation import ArgumentError, match_pairs  # noqa: E402
 from c3dseg.metrics import evaluate, mean_cell_dice  # noqa: E402
 from c3dseg.watershed import seeded_watershed  # noqa: E402
 
@@ -151,6 +156,8 @@ def main():
     ap.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME MODEL ITEM.KEY=VALUE",
                     help="also score pipeline MODEL (tanh or heat) with these c3d-run --set values, as "
                          "method NAME (repeatable)")
+    ap.add_argument("--pairs", action="append", default=[], metavar="NAME=DIR",
+                    help="an extra set: DIR/images and DIR/labels matched by name (repeatable)")
     ap.add_argument("--timing-image", default=None,
                     help="stack for the timing run (default: a new 64x256x256 validation stack; "
                          "c3d-synth --preset validation -n 1 --shape 64,256,256 makes the same one)")
@@ -171,9 +178,22 @@ def main():
         a.n, a.ood, a.no_timing = 2, 1, True
     shape = tuple(int(s) for s in a.shape.split(","))
     tmp = tempfile.mkdtemp(prefix="c3d_accuracy_")
-    sets = {"validation": synth(os.path.join(tmp, "val"), a.n, "validation", shape)}
+    sets = {}
+    if a.n:
+        sets["validation"] = synth(os.path.join(tmp, "val"), a.n, "validation", shape)
     if a.ood:
         sets["ood"] = synth(os.path.join(tmp, "ood"), a.ood, "ood", shape)
+    for spec in a.pairs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or name in sets:
+            ap.error(f"--pairs {spec}: expected a new NAME=DIR")
+        try:
+            sets[name] = [(img, gt) for _, gt, img in match_pairs(os.path.join(folder, "labels"),
+                                                                  os.path.join(folder, "images"))]
+        except ArgumentError as e:
+            ap.error(f"--pairs {spec}: {e}")
+    if not sets:
+        ap.error("nothing to score: --n 0, --ood 0 and no --pairs")
 
     rows, per_cell = [], {m: [] for m in list(methods) + ["watershed"]}
 
@@ -227,7 +247,7 @@ def main():
             names = {"tanh": "tanh model", "heat": "heat model", "watershed": "seeded watershed"}
             ax.set_xticks(range(1, len(data) + 1), [names.get(m, m) for m in per_cell])
             ax.set_ylabel("per-cell Dice")
-            ax.set_title(f"{sum(len(p) for p in sets.values())} synthetic volumes (validation + ood)")
+            ax.set_title(f"{sum(len(p) for p in sets.values())} volumes ({' + '.join(sets)})")
             fig.tight_layout()
             fig.savefig(a.plot, dpi=100)
             print(f"box plot: {a.plot}")
