@@ -4,7 +4,8 @@ models do on stacks that their training generator did not make.
     python benchmarks/othergen.py -o DIR [-n 6] [--seed 0] [--shape 64,128,128]
     python benchmarks/accuracy.py --n 0 --ood 0 --no-timing --pairs othergen=DIR
 
-It shares no code and few choices with :mod:`c3dseg.synthesis`:
+Its generator shares no code and few choices with :mod:`c3dseg.synthesis` (only the true median
+diameter is measured the same way, :func:`c3dseg.synthesis.median_cell_diameter`):
 
 - cells: seeds thrown as a Poisson-disc sample (random sequential adsorption, a minimum distance) in
   physical coordinates, labels the plain Voronoi cells of the seeds (nearest seed through a Euclidean
@@ -39,6 +40,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from c3dseg.image import Image  # noqa: E402
 from c3dseg.io import write_image  # noqa: E402
+from c3dseg.labels import relabel_consecutive  # noqa: E402
+from c3dseg.synthesis import median_cell_diameter  # noqa: E402  (the truth, measured as for c3d-synth)
 
 #: name: (low, high, log-uniform?)
 RANGES = {
@@ -151,31 +154,10 @@ def make_volume(seed, shape=(64, 128, 128)):
     signal *= np.exp(-depth / p["attenuation_um"]) / peak
     counts = rng.poisson(np.clip(signal, 0, None) * p["photons"]).astype(np.float32)
     counts += rng.normal(p["offset"], p["read_noise"], shape).astype(np.float32)
-    labels = relabel(labels)
+    labels = relabel_consecutive(labels)
     p["cells"] = int(labels.max())
-    p["median_diameter_um"] = median_interior_diameter(labels, spacing)
-    return counts, labels.astype(np.uint16), spacing, p
-
-
-def relabel(labels):
-    u, inv = np.unique(labels, return_inverse=True)
-    out = inv.reshape(labels.shape).astype(np.int32)
-    if u[0] != 0:
-        out += 1
-    return out
-
-
-def median_interior_diameter(labels, spacing):
-    counts = np.bincount(labels.ravel())
-    border = np.zeros(len(counts), bool)
-    for ax in range(3):
-        for s in (0, -1):
-            border[np.unique(np.take(labels, s, axis=ax))] = True
-    keep = (counts > 0) & ~border
-    keep[0] = False
-    if not keep.any():
-        return float("nan")
-    return float(np.median((6 * counts[keep] * np.prod(spacing) / np.pi) ** (1 / 3)))
+    p["median_diameter_um"] = median_cell_diameter(labels, spacing)
+    return counts, labels, spacing, p
 
 
 def main(argv=None):
