@@ -10,8 +10,14 @@ diameter), on the central block downscaled laterally by the integer factor that 
 :data:`PASS2_VOXELS` voxels, so the cost is about a second whatever the stack's size.  Seeds are
 the basins deeper than a multiple of the image's own noise level, which makes the count
 insensitive to the signal-to-noise ratio.  The median equivalent-sphere diameter of the interior
-regions, times a calibration factor (the watershed merges cells whose walls it cannot see, so it
-over-estimates slightly and consistently), is the estimate.
+regions is corrected by a small linear model in log space (:data:`FIT_FILE`, fitted by
+``benchmarks/diameter.py --fit`` on ``c3d-synth`` training volumes, never the validation seeds):
+the second pass runs the watershed at three seed depths (:data:`H_FACTORS`: 1, 2 and 4 times the
+noise), and the estimate is the median at depth 2 times ``exp(w0 + w1 * log(m4 / m1) + w2 *
+log(m1 / voxel))``.  ``m4 / m1`` measures how many cells the deeper seeds merge (walls the
+watershed barely sees: the median over-estimates), ``m1 / voxel`` the cells' size in lateral
+voxels of the input (small cells merge, large ones split).  The correction factor is clipped to
+[:data:`MIN_CORRECTION`, :data:`MAX_CORRECTION`].
 
 Optional refinement with a network (``model``, :func:`refine_with_network`, like Cellpose's
 two-pass size estimate): a central crop of at most :data:`REFINE_EDGE` voxels a side is resampled
@@ -24,9 +30,13 @@ measurement grows in proportion to the scale assumed).  The ratio of the log cha
 measurements and of the two scales (:data:`REFINE_MAX_SLOPE`) tells them apart; otherwise the
 classical estimate stands.
 
-Known weakness (``benchmarks/diameter.py``): cells only ~6-9 voxels across, especially with
-coarse z-steps or few photons, are partly merged and over-estimated by up to ~1.5x; a per-slice
-(planar) measurement of the widest sections was tried and was worse.
+Measured (``benchmarks/diameter.py``; README): 35/40 validation volumes within 20 % (the single
+calibration factor used before: 32/40), 12/12 stacks of ``benchmarks/othergen.py``.  Known
+weakness: cells only ~7-12 voxels across with coarse z-steps or few photons merge in groups at
+every seed depth and are still over-estimated by up to ~1.4x; a stack that is mostly noisy
+background can be measured on noise regions.  A per-slice (planar) measurement of the widest
+sections was tried and was worse; so were lower percentiles or the mode of the region diameters
+instead of the median, and a third watershed pass at the second pass's scale.
 
 What was tried and measured (``benchmarks/diameter.py``, validation volumes of ``c3d-synth``):
 the peak of the radially averaged power spectrum / autocorrelation of the membrane image (drowned
@@ -48,17 +58,32 @@ from .errors import InputError
 from .watershed import (_kernel_l2, noise_sigma, normalise_percentiles, region_diameters, seeded_watershed,
                         smooth_physical)
 
-__all__ = ["estimate_cell_diameter", "refine_with_network", "structure_to_noise", "CALIBRATION"]
+__all__ = ["estimate_cell_diameter", "refine_with_network", "structure_to_noise", "load_fit", "FIT_FILE"]
 
-#: True median diameter / median watershed region diameter, fitted on ``c3d-synth --preset train``
-#: volumes (seeds 0-39, never the validation seeds) by ``benchmarks/diameter.py --calibrate 40``,
-#: which printed 0.8722 (1/1.147) for the present two-pass method.
-CALIBRATION = 0.8722
+#: The fitted correction (JSON: ``features``, ``coefficients`` [w0, w1, w2] and how they were made),
+#: written by ``benchmarks/diameter.py --fit DIR --write FILE``.
+FIT_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "diameter_fit.json")
+
+#: Features of the correction, in the order of ``coefficients[1:]`` (see :func:`features`).
+FEATURES = ("log_m4_over_m1", "log_m1_voxels")
+
+#: Seed depths (units of the noise left after smoothing) of the second pass's three watersheds;
+#: the median at the middle one is the measurement the correction scales.
+H_FACTORS = (1.0, 2.0, 4.0)
+
+#: Bounds of the correction factor (guards against extrapolating far outside the fitted range).
+MIN_CORRECTION = 0.5
+MAX_CORRECTION = 2.0
+
+#: Pass 1 over-counts cells (light smoothing); its median times this factor chooses the second
+#: pass's smoothing and lateral downscale (the calibration factor of the earlier single-measure
+#: estimator, fitted on training seeds 0-39).
+PASS1_FACTOR = 0.8722
 
 #: Second-pass smoothing sigma as a fraction of the first estimate.
 SMOOTHING = 0.1
 
-#: Seed depth in units of the noise left after smoothing.
+#: Seed depth (units of the noise left after smoothing) of the first pass.
 H_FACTOR = 2.0
 
 #: Voxels measured by the first pass (native resolution, light smoothing).
@@ -137,7 +162,7 @@ def structure_to_noise(data, spacing) -> float:
 
 
 def estimate_cell_diameter(image, spacing=(1.0, 1.0, 1.0), *, max_voxels=4_000_000,
-                           calibration=None, model=None, return_details=False):
+                           fit=None, model=None, return_details=False):
     """Median equivalent-sphere cell diameter (um) of a membrane-stained stack.
 
     Parameters
@@ -152,8 +177,10 @@ def estimate_cell_diameter(image, spacing=(1.0, 1.0, 1.0), *, max_voxels=4_000_0
         :data:`PASS1_VOXELS` voxels; the second the block downscaled laterally by an integer
         factor that brings the first estimate to about :data:`TARGET_VOXELS` voxels across,
         cropped to :data:`PASS2_VOXELS` voxels.
-    calibration : float, optional
-        Factor applied to the measured median (default :data:`CALIBRATION`).
+    fit : dict or "none", optional
+        The correction (``{"coefficients": [w0, w1, w2]}``, see :func:`load_fit`); default the
+        packaged :data:`FIT_FILE`.  "none": the raw median of the second pass, uncorrected (what
+        ``benchmarks/diameter.py --fit`` measures).
     model : str or :class:`c3dseg.predict.OnnxNetwork`, optional
         An ONNX model (``c3d-export``, with ``median_cell_diameter_voxels`` metadata): the classical
         estimate is refined with it (:func:`refine_with_network`) on the central block.  None or
@@ -162,7 +189,10 @@ def estimate_cell_diameter(image, spacing=(1.0, 1.0, 1.0), *, max_voxels=4_000_0
         Also return a dict: ``passes`` (list of (smoothing_um, h, regions, median_um)),
         ``block_shape`` (the block read), ``downscale`` (lateral factor of the second pass),
         ``structure`` (:func:`structure_to_noise`) and ``empty`` (True when the image holds no
-        cells: constant, pure noise or too few regions), ``classical`` (the estimate before any
+        cells: constant, pure noise or too few regions), ``medians`` (um: the second pass's medians
+        at the seed depths :data:`H_FACTORS`), ``features`` (:data:`FEATURES`; NaN when a median is
+        missing), ``correction`` (the factor applied), ``regions`` (regions behind the median
+        used), ``classical`` (the estimate before any
         refinement) and, with ``model``, ``refine`` (see :func:`refine_with_network`).
 
     Returns
@@ -177,10 +207,11 @@ def estimate_cell_diameter(image, spacing=(1.0, 1.0, 1.0), *, max_voxels=4_000_0
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
         raise InputError(f"spacing must be 3 positive numbers (z, y, x) in um, got {spacing}")
-    cal = CALIBRATION if calibration is None else float(calibration)
+    coefficients = None if isinstance(fit, str) and fit == "none" else (fit or load_fit())["coefficients"]
     block = central_block(data, int(max_voxels))
     details = {"passes": [], "block_shape": tuple(block.shape), "downscale": 1, "structure": 0.0,
-               "empty": True, "classical": float("nan")}
+               "empty": True, "classical": float("nan"), "medians": (), "features": (), "correction": 1.0,
+               "regions": 0}
 
     def done(value):
         details["empty"] = not math.isfinite(value)
@@ -194,18 +225,64 @@ def estimate_cell_diameter(image, spacing=(1.0, 1.0, 1.0), *, max_voxels=4_000_0
     med = _measure(first, spacing, None, details["passes"])
     if not math.isfinite(med):
         return done(float("nan"))
-    # pass 2: smoothing scaled to the first estimate, on a grid where cells are ~TARGET_VOXELS across
-    f = max(1, int(med * cal / spacing[2] / TARGET_VOXELS))
+    # pass 2: smoothing scaled to the first estimate, on a grid where cells are ~TARGET_VOXELS across,
+    # at three seed depths
+    f = max(1, int(med * PASS1_FACTOR / spacing[2] / TARGET_VOXELS))
     details["downscale"] = f
     second = central_block(_downscale_lateral(block, f), PASS2_VOXELS)
     sp2 = (spacing[0], spacing[1] * f, spacing[2] * f)
-    med2 = _measure(second, sp2, med, details["passes"])
-    if math.isfinite(med2):
-        med = med2
-    d = details["classical"] = med * cal
+    details["medians"] = m1, m2, m4 = tuple(_measure(second, sp2, med, details["passes"], h_factor=h)
+                                            for h in H_FACTORS)
+    details["features"] = feats = features(m1, m4, spacing)
+    details["regions"] = details["passes"][2][2]
+    if not math.isfinite(m2):
+        d = med * PASS1_FACTOR                      # too few regions at the second pass's scale
+        details["regions"] = details["passes"][0][2]
+    elif coefficients is None:
+        d = m2
+    elif all(math.isfinite(v) for v in feats):
+        w = [float(c) for c in coefficients]
+        details["correction"] = c = min(MAX_CORRECTION, max(MIN_CORRECTION, math.exp(
+            w[0] + sum(wi * v for wi, v in zip(w[1:], feats)))))
+        d = m2 * c
+    else:
+        d = m2 * PASS1_FACTOR
+    details["classical"] = d
     if model is not None and model != "":
         d, details["refine"] = refine_with_network(block, spacing, d, model)
     return done(d)
+
+
+def features(m1, m4, spacing):
+    """The correction's features (:data:`FEATURES`) from the second pass's medians (um) at seed
+    depths 1 and 4 and the input's spacing: ``log(m4 / m1)`` and ``log(m1 / spacing_x)``."""
+    if not (math.isfinite(m1) and math.isfinite(m4) and m1 > 0 and m4 > 0):
+        return (float("nan"), float("nan"))
+    return (math.log(m4 / m1), math.log(m1 / float(spacing[2])))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_fit(path):
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            fit = json.load(fh)
+        coefficients = [float(c) for c in fit["coefficients"]]
+        names = tuple(fit["features"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: not a diameter fit ({exc})") from None
+    if names != FEATURES or len(coefficients) != len(FEATURES) + 1:
+        raise InputError(f"{path}: features {list(names)} with {len(coefficients)} coefficients; expected "
+                         f"{list(FEATURES)} and {len(FEATURES) + 1}")
+    return {**fit, "coefficients": coefficients}
+
+
+def load_fit(path=None):
+    """The correction of the estimate: a dict with ``features`` (:data:`FEATURES`),
+    ``coefficients`` [w0, w1, w2] and the provenance ``benchmarks/diameter.py --fit`` records
+    (command, volumes, measured accuracy), read from ``path`` (default :data:`FIT_FILE`)."""
+    return _read_fit(os.fspath(path or FIT_FILE))
 
 
 def _network(model):
@@ -329,9 +406,9 @@ def equatorial_section_diameters(labels, spacing):
     return np.sqrt(4.0 * area[keep] * spacing[1] * spacing[2] / np.pi)
 
 
-def _measure(block, spacing, diameter, passes, planar=False):
+def _measure(block, spacing, diameter, passes, planar=False, h_factor=H_FACTOR):
     labels, info = seeded_watershed(block, spacing, diameter_um=diameter, smoothing=SMOOTHING,
-                                    h_factor=H_FACTOR, background="auto-regions", planar=planar,
+                                    h_factor=h_factor, background="auto-regions", planar=planar,
                                     return_info=True)
     d = equatorial_section_diameters(labels, spacing) if planar else region_diameters(labels, spacing)
     med = float(np.median(d)) if len(d) >= 3 else float("nan")

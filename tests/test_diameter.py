@@ -47,7 +47,67 @@ def test_estimate_details_and_large_images_use_a_block(easy):
     img, lab, sp, p = easy
     d, info = estimate_cell_diameter(img, sp, max_voxels=60000, return_details=True)
     assert np.prod(info["block_shape"]) <= 60000 + 80 * 80
-    assert len(info["passes"]) == 2 and math.isfinite(d)
+    # pass 1, then the second pass at the three seed depths
+    assert len(info["passes"]) == 4 and math.isfinite(d)
+
+
+def test_correction_is_the_packaged_fit_applied_to_the_middle_median(easy):
+    from c3dseg import diameter as dm
+
+    img, lab, sp, p = easy
+    d, info = estimate_cell_diameter(img, sp, return_details=True)
+    m1, m2, m4 = info["medians"]
+    assert [h for _, h, _, _ in info["passes"][1:]] == sorted(h for _, h, _, _ in info["passes"][1:])
+    assert info["features"] == pytest.approx((math.log(m4 / m1), math.log(m1 / sp[2])))
+    w = dm.load_fit()["coefficients"]
+    expected = math.exp(w[0] + w[1] * info["features"][0] + w[2] * info["features"][1])
+    assert info["correction"] == pytest.approx(min(dm.MAX_CORRECTION, max(dm.MIN_CORRECTION, expected)))
+    assert d == pytest.approx(m2 * info["correction"])
+    # uncorrected: the middle median itself; an explicit fit is used as given
+    assert estimate_cell_diameter(img, sp, fit="none") == pytest.approx(m2)
+    assert estimate_cell_diameter(img, sp, fit={"coefficients": [math.log(0.9), 0.0, 0.0]}) == pytest.approx(0.9 * m2)
+    # an extreme fit is clipped
+    assert estimate_cell_diameter(img, sp, fit={"coefficients": [5.0, 0.0, 0.0]}) == pytest.approx(
+        dm.MAX_CORRECTION * m2)
+
+
+def test_packaged_fit_records_how_it_was_made():
+    from c3dseg import diameter as dm
+
+    fit = dm.load_fit()
+    assert tuple(fit["features"]) == dm.FEATURES and len(fit["coefficients"]) == 3
+    assert fit["volumes"] >= 100 and "benchmarks/diameter.py" in fit["command"] and "--fit" in fit["command"]
+    assert fit["data"]["preset"] == "train"          # never the validation seeds
+
+
+@pytest.mark.parametrize("text", ["{", '{"features": ["x", "y"], "coefficients": [0, 0, 0]}',
+                                  '{"features": ["log_m4_over_m1", "log_m1_voxels"], "coefficients": [0]}'])
+def test_bad_fit_file_names_the_file(tmp_path, text):
+    from c3dseg import diameter as dm
+
+    path = tmp_path / f"fit{len(text)}.json"
+    path.write_text(text)
+    with pytest.raises(InputError, match=str(path.name)):
+        dm.load_fit(path)
+
+
+def test_fit_correction_recovers_known_coefficients():
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_diameter", pathlib.Path(__file__).parent.parent / "benchmarks" / "diameter.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(1)
+    feats = np.c_[rng.uniform(0, 0.5, 60), rng.uniform(1.5, 3.5, 60)]
+    raw = rng.uniform(2, 20, 60)
+    w = np.array([-0.6, -0.33, 0.2])
+    truth = raw * np.exp(w[0] + feats @ w[1:]) * np.exp(rng.normal(0, 0.02, 60))
+    rows = np.c_[np.arange(60), truth, raw, np.zeros((60, 3))]
+    got, hits, cv, n = bench.fit_correction(rows, feats)
+    assert got == pytest.approx(w, abs=0.05)
+    assert n == 60 and hits == 60 and cv == 60
 
 
 def test_featureless_image_gives_nan():

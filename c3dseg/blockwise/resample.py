@@ -81,7 +81,7 @@ def _diameter_task(value, lo, hi, shape, channel, spacing, max_voxels, model=Non
     data = channel_of(evaluate([value], lo, hi, shape)[0], channel)
     d, info = estimate_cell_diameter(data, spacing, max_voxels=max_voxels, model=model or None,
                                      return_details=True)
-    regions = info["passes"][-1][2] if info["passes"] else 0
+    regions = info["regions"]
     return float(d), int(regions), [int(n) for n in info["block_shape"]]
 
 

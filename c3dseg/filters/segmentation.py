@@ -66,7 +66,7 @@ class EstimateCellDiameter(Filter):
         model = self.resolve_path(self.p["ModelPath"]) if self.p["ModelPath"] else None
         d, info = estimate_cell_diameter(data, img.spacing, max_voxels=self.p["MaxVoxels"], model=model,
                                          return_details=True)
-        regions = info["passes"][-1][2] if info["passes"] else 0
+        regions = info["regions"]
         empty = not math.isfinite(d)
         if empty:
             log.warning("%s: no cells found (no tissue: constant or noise-only image); the segmentation "
