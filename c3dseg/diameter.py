@@ -448,41 +448,12 @@ def refine_with_network(block, spacing, d0, model, *, edge=REFINE_EDGE):
     return d0, info
 
 
-def equatorial_section_diameters(labels, spacing):
-    """Equivalent-circle diameters (um) of the widest xy section of every cell of a planar label
-    image (each label in one z-slice; :func:`seeded_watershed` with ``planar``): a section is kept
-    when its area is at least that of the section it overlaps most in the slice above and in the
-    slice below (its neighbours along the same cell), so caps do not count.  Sections touching the
-    lateral border are left out (unless fewer than 5 remain)."""
-    labels = np.asarray(labels)
-    n = int(labels.max())
-    area = np.bincount(labels.ravel().astype(np.int64), minlength=n + 1)
-    keep = area > 0
-    keep[0] = False
-    for lo, hi in ((labels[:-1], labels[1:]), (labels[1:], labels[:-1])):
-        a = lo.ravel().astype(np.int64)
-        b = hi.ravel().astype(np.int64)
-        both = (a > 0) & (b > 0)
-        key = a[both] * (n + 1) + b[both]
-        pairs, counts = np.unique(key, return_counts=True)
-        pa, pb = pairs // (n + 1), pairs % (n + 1)
-        order = np.lexsort((counts, pa))            # per a, the largest overlap last
-        last = np.r_[pa[order][1:] != pa[order][:-1], True]
-        best_a, best_b = pa[order][last], pb[order][last]
-        keep[best_a[area[best_b] > area[best_a]]] = False
-    border = np.zeros(n + 1, bool)
-    for sl in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
-        border[np.unique(sl)] = True
-    if (keep & ~border).sum() >= 5:
-        keep &= ~border
-    return np.sqrt(4.0 * area[keep] * spacing[1] * spacing[2] / np.pi)
-
-
-def _measure(block, spacing, diameter, passes, planar=False, h_factor=H_FACTOR):
+def _measure(block, spacing, diameter, passes, h_factor=H_FACTOR):
+    """Median diameter (um) of the interior regions of a seeded watershed (NaN below 3 regions);
+    appends (smoothing_um, h, regions, median_um) to ``passes``."""
     labels, info = seeded_watershed(block, spacing, diameter_um=diameter, smoothing=SMOOTHING,
-                                    h_factor=h_factor, background="auto-regions", planar=planar,
-                                    return_info=True)
-    d = equatorial_section_diameters(labels, spacing) if planar else region_diameters(labels, spacing)
+                                    h_factor=h_factor, background="auto-regions", return_info=True)
+    d = region_diameters(labels, spacing)
     med = float(np.median(d)) if len(d) >= 3 else float("nan")
     passes.append((info["sigma_um"], info["h"], int(len(d)), med))
     return med
