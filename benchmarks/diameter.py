@@ -15,8 +15,10 @@ used ``c3d-synth -o data/train -n 200 --preset train``, the models' training dat
 validation seeds), prints the coefficients, how many training volumes they bring within 20 % and the
 same under 10-fold cross-validation, and with ``--write FILE`` saves them (``c3dseg/data/
 diameter_fit.json`` is the file the estimator reads); the evaluation that follows uses the new fit.
-``--folder DIR`` (repeatable) also scores the volumes of any folder of that layout, e.g. one written
-by ``benchmarks/othergen.py``, a generator the fit never saw.  ``--model PATH`` also refines every
+``--correction FILE`` scores with another correction file (e.g. coefficients [ln 0.8722, 0, 0]:
+the single calibration factor used before).  ``--folder DIR`` (repeatable) also scores the volumes
+of any folder of that layout, e.g. one written by ``benchmarks/othergen.py``, a generator the fit
+never saw.  ``--model PATH`` also refines every
 estimate with that ONNX model (``EstimateCellDiameter ModelPath``): each line then shows the
 classical estimate, the refined one, the network passes (scale -> measured median) and whether the
 refinement was kept; the summaries cover both.  Everything printed is measured here.
@@ -169,6 +171,8 @@ def main(argv=None):
                     help="fit the correction on every volume of this c3d-synth folder first")
     ap.add_argument("--write", default=None, metavar="FILE",
                     help="with --fit: save the fit there (c3dseg/data/diameter_fit.json is the one in use)")
+    ap.add_argument("--correction", default=None, metavar="FILE",
+                    help="score with this correction file (diameter_fit.json layout) instead of the packaged one")
     ap.add_argument("--folder", action="append", default=[], metavar="DIR",
                     help="also score the volumes of this folder (c3d-synth layout; repeatable)")
     ap.add_argument("--cache", default=None, metavar="DIR",
@@ -183,6 +187,8 @@ def main(argv=None):
             ap.error(f"{d}: no params.json (not a c3d-synth folder)")
     if args.write and not args.fit:
         ap.error("--write needs --fit")
+    if args.correction and args.fit:
+        ap.error("--correction and --fit exclude each other")
     shape = tuple(int(v) for v in args.shape.split(","))
     fit = None
     if args.fit:
@@ -204,8 +210,8 @@ def main(argv=None):
             os.replace(tmp, args.write)
             print(f"wrote {args.write}", flush=True)
     else:
-        f = dm.load_fit()
-        print(f"correction in use: {dm.FIT_FILE}: coefficients {f['coefficients']} "
+        f = fit = dm.load_fit(args.correction)
+        print(f"correction in use: {args.correction or dm.FIT_FILE}: coefficients {f['coefficients']} "
               f"({', '.join(f['features'])}), fitted on {f.get('volumes', '?')} volumes", flush=True)
     print(f"shape of the generated volumes {shape}", flush=True)
     empty_stacks(shape)

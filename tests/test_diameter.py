@@ -121,6 +121,19 @@ def test_bad_fit_file_names_the_file(tmp_path, text):
         dm.load_fit(path)
 
 
+def test_benchmark_rejects_correction_with_fit(tmp_path):
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_diameter2", pathlib.Path(__file__).parent.parent / "benchmarks" / "diameter.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    (tmp_path / "params.json").write_text('{"samples": {}}')
+    with pytest.raises(SystemExit):
+        bench.main(["--fit", str(tmp_path), "--correction", str(tmp_path / "c.json"), "--n-val", "0", "--n-ood", "0"])
+
+
 def test_fit_correction_recovers_known_coefficients():
     import importlib.util
     import pathlib
