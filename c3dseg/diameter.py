@@ -51,6 +51,7 @@ watershed measure kept here.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import warnings
@@ -191,14 +192,12 @@ def structured_centre(block, spacing, max_voxels):
     win = [target[0], max(1, target[1] // f), max(1, target[2] // f)]
     starts = [np.unique(np.linspace(0, n - w, WINDOW_POSITIONS).round().astype(int)) for n, w in zip(b.shape, win)]
     rows = []
-    for z in starts[0]:
-        for y in starts[1]:
-            for x in starts[2]:
-                z1, y1, x1 = z + win[0], y + win[1], x + win[2]
-                n = (counts[z1, y1, x1] - counts[z, y1, x1] - counts[z1, y, x1] - counts[z1, y1, x]
-                     + counts[z, y, x1] + counts[z, y1, x] + counts[z1, y, x] - counts[z, y, x])
-                c = np.array([z + win[0] / 2, (y + win[1] / 2) * f, (x + win[2] / 2) * f])
-                rows.append((n / float(np.prod(win)), float(np.sum((c - centre) ** 2)), c))
+    for z, y, x in itertools.product(*starts):
+        z1, y1, x1 = z + win[0], y + win[1], x + win[2]
+        n = (counts[z1, y1, x1] - counts[z, y1, x1] - counts[z1, y, x1] - counts[z1, y1, x]
+             + counts[z, y, x1] + counts[z, y1, x] + counts[z1, y, x] - counts[z, y, x])
+        c = np.array([z + win[0] / 2, (y + win[1] / 2) * f, (x + win[2] / 2) * f])
+        rows.append((n / float(np.prod(win)), float(np.sum((c - centre) ** 2)), c))
     best = max(r[0] for r in rows)
     chosen = min((r for r in rows if r[0] >= best - TISSUE_TIE), key=lambda r: r[1])
     return tuple(float(v) for v in chosen[2])

@@ -121,27 +121,26 @@ def test_bad_fit_file_names_the_file(tmp_path, text):
         dm.load_fit(path)
 
 
-def test_benchmark_rejects_correction_with_fit(tmp_path):
-    import importlib.util
-    import pathlib
-
-    spec = importlib.util.spec_from_file_location(
-        "bench_diameter2", pathlib.Path(__file__).parent.parent / "benchmarks" / "diameter.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    (tmp_path / "params.json").write_text('{"samples": {}}')
-    with pytest.raises(SystemExit):
-        bench.main(["--fit", str(tmp_path), "--correction", str(tmp_path / "c.json"), "--n-val", "0", "--n-ood", "0"])
-
-
-def test_fit_correction_recovers_known_coefficients():
+@pytest.fixture(scope="module")
+def bench():
+    """``benchmarks/diameter.py`` as a module."""
     import importlib.util
     import pathlib
 
     spec = importlib.util.spec_from_file_location(
         "bench_diameter", pathlib.Path(__file__).parent.parent / "benchmarks" / "diameter.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_rejects_correction_with_fit(tmp_path, bench):
+    (tmp_path / "params.json").write_text('{"samples": {}}')
+    with pytest.raises(SystemExit):
+        bench.main(["--fit", str(tmp_path), "--correction", str(tmp_path / "c.json"), "--n-val", "0", "--n-ood", "0"])
+
+
+def test_fit_correction_recovers_known_coefficients(bench):
     rng = np.random.default_rng(1)
     feats = np.c_[rng.uniform(0, 0.5, 60), rng.uniform(1.5, 3.5, 60)]
     raw = rng.uniform(2, 20, 60)
