@@ -157,3 +157,24 @@ def test_verbose_logs_item_times_and_vv_peak_memory(tmp_path, capsys, flag, peak
     lines = [line for line in capsys.readouterr().err.splitlines() if "item_0002 TestAdd:" in line]
     assert len(lines) == 1 and " s" in lines[0]
     assert ("MiB allocated" in lines[0]) == peak
+
+
+def test_set_paths_resolve_against_the_current_folder(tmp_path, monkeypatch):
+    """A relative path typed with --set is the user's file (current folder), not one beside the
+    pipeline; paths in the XML stay relative to the XML's folder."""
+    import shutil
+
+    from c3dseg.runner.cli import find_pipeline
+    from c3dseg.runner.pipeline import Pipeline
+    from c3dseg.runner.plan import build_plan
+
+    seg = find_pipeline("segment")
+    model = os.path.join(os.path.dirname(seg), "..", "models", "tanh.onnx")
+    shutil.copy(model, tmp_path / "mine.onnx")
+    monkeypatch.chdir(tmp_path)
+    plan = build_plan(Pipeline.load(seg), overrides=[("OnnxModel", "ModelPath", "mine.onnx")])
+    step = next(s for s in plan.steps if s.item.name == "OnnxModel")
+    assert step.params["ModelPath"] == str(tmp_path / "mine.onnx")
+    plan = build_plan(Pipeline.load(seg))
+    step = next(s for s in plan.steps if s.item.name == "OnnxModel")
+    assert not os.path.isabs(step.params["ModelPath"])      # resolved against the XML's folder when run

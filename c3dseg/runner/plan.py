@@ -94,6 +94,9 @@ def build_plan(pipeline: Pipeline, *, strict: bool = False,
         if spec is None:
             raise ParameterError(f"--set: unknown parameter{suggest(key, [p.key for p in reg[it.name].all_params()])}",
                                  file=file, item=it.item_id, filter=it.name, key=key)
+        if spec.path and value and not os.path.isabs(os.path.expanduser(value)):
+            # typed on the command line: relative to where the user is, not to the pipeline's folder
+            value = os.path.abspath(os.path.expanduser(value))
         pipeline.set_param(it, key, value, type_code=spec.type_code, description=spec.description)
 
     # 3. parameters
