@@ -37,6 +37,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from c3dseg import diameter as dm  # noqa: E402
+from c3dseg.diameter_fit import fit_correction as fit_correction_rows  # noqa: E402
 from c3dseg.synthesis import PRESET_SEED_OFFSET, make_sample  # noqa: E402
 
 
@@ -116,25 +117,11 @@ def measure(volumes, preset, fit=None, verbose=True, model=None):
 
 
 def fit_correction(rows, feats, folds=10):
-    """Least-squares ``log(truth / raw) = w0 + w . features`` over the volumes with finite
-    features; returns (coefficients, within-20 % count on the fitted volumes, the same count under
-    ``folds``-fold cross-validation, volumes used)."""
-    ok = np.isfinite(rows[:, 2]) & np.all(np.isfinite(feats), axis=1)
-    x = np.c_[np.ones(int(ok.sum())), feats[ok]]
-    y = np.log(rows[ok, 1] / rows[ok, 2])
-
-    def solve(idx):
-        return np.linalg.lstsq(x[idx], y[idx], rcond=None)[0]
-
-    def hits(w, idx):
-        c = np.clip(np.exp(x[idx] @ w), dm.MIN_CORRECTION, dm.MAX_CORRECTION)
-        return int(np.sum(np.abs(c * np.exp(-y[idx]) - 1) <= 0.2))
-
-    allidx = np.arange(len(y))
-    w = solve(allidx)
-    order = np.random.default_rng(0).permutation(len(y))
-    cv = sum(hits(solve(np.setdiff1d(allidx, order[k::folds])), order[k::folds]) for k in range(folds))
-    return w, hits(w, allidx), cv, len(y)
+    """:func:`c3dseg.diameter_fit.fit_correction` on :func:`measure`'s rows: (coefficients,
+    within-20 % count on the fitted volumes, the same under ``folds``-fold cross-validation, volumes
+    used)."""
+    r = fit_correction_rows(rows[:, 1], rows[:, 2], feats, folds=folds)
+    return np.asarray(r["coefficients"]), r["hits"], r["cv_hits"], r["used"]
 
 
 def summary(name, rows, column=2):

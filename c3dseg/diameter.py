@@ -20,7 +20,9 @@ noise), and the estimate is the median at depth 2 times ``exp(w0 + w1 * log(m4 /
 log(m1 / voxel))``.  ``m4 / m1`` measures how many cells the deeper seeds merge (walls the
 watershed barely sees: the median over-estimates), ``m1 / voxel`` the cells' size in lateral
 voxels of the input (small cells merge, large ones split).  The correction factor is clipped to
-[:data:`MIN_CORRECTION`, :data:`MAX_CORRECTION`].
+[:data:`MIN_CORRECTION`, :data:`MAX_CORRECTION`].  ``c3d-fit-diameter``
+(:mod:`c3dseg.diameter_fit`) fits the same model to a user's annotated stacks
+(EstimateCellDiameter ``CorrectionFile``).
 
 Optional refinement with a network (``model``, :func:`refine_with_network`, like Cellpose's
 two-pass size estimate): a central crop of at most :data:`REFINE_EDGE` voxels a side is resampled

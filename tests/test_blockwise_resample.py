@@ -196,6 +196,16 @@ def test_cell_diameter_estimate_same_number(tmp_path, client, stack):
     ref, info = estimate_cell_diameter(image.astype(np.uint16), spacing, max_voxels=32768, model=MODEL,
                                        return_details=True)
     assert np.isfinite(ref) and d == ref and "refine" in info
+    # with a user's correction file (EstimateCellDiameter CorrectionFile): the same number as the filter's
+    import json
+
+    from c3dseg import diameter as dm
+
+    fit = tmp_path / "fit.json"
+    fit.write_text(json.dumps({"features": list(dm.FEATURES), "coefficients": [0.3, 0.0, 0.0]}))
+    d, _, _ = estimate_diameter(env, src, max_voxels=32768, name="corrected", correction=str(fit))
+    raw = estimate_cell_diameter(image.astype(np.uint16), spacing, max_voxels=32768, fit="none")
+    assert d == pytest.approx(raw * np.exp(0.3), rel=1e-9)
 
 
 def test_tissue_mask_same_mask(tmp_path, client):

@@ -72,23 +72,26 @@ def central_box(shape, max_voxels: int) -> tuple[tuple[int, ...], tuple[int, ...
     return tuple(lo), tuple(hi)
 
 
-def _diameter_task(value, lo, hi, shape, channel, spacing, max_voxels, model=None):
-    """Worker side: the estimate on the central box (the very array the whole-image filter measures)."""
+def _diameter_task(value, lo, hi, shape, channel, spacing, max_voxels, model=None, fit=None):
+    """Worker side: the estimate on the central box (the very array the whole-image filter measures);
+    ``fit``: the correction's coefficients (None: the packaged fit)."""
     from ..diameter import estimate_cell_diameter
 
     from ..filters.segmentation import channel_of
 
     data = channel_of(evaluate([value], lo, hi, shape)[0], channel)
     d, info = estimate_cell_diameter(data, spacing, max_voxels=max_voxels, model=model or None,
+                                     fit=None if fit is None else {"coefficients": list(fit)},
                                      return_details=True)
     regions = info["regions"]
     return float(d), int(regions), [int(n) for n in info["block_shape"]]
 
 
 def estimate_diameter(env, value, *, channel: int = 0, max_voxels: int | None = None, name: str = "diameter",
-                      model: str = ""):
+                      model: str = "", correction: str = ""):
     """``(diameter_um, regions, block_shape)`` of :func:`c3dseg.diameter.estimate_cell_diameter` on
-    the whole image, computed from its central box only (kept in the work folder for a resumed run)."""
+    the whole image, computed from its central box only (kept in the work folder for a resumed run);
+    ``correction``: EstimateCellDiameter's CorrectionFile (empty: the packaged fit)."""
     from ..diameter import estimate_cell_diameter
 
     if max_voxels is None:
@@ -100,8 +103,13 @@ def estimate_diameter(env, value, *, channel: int = 0, max_voxels: int | None = 
         with open(record) as f:
             d, regions, block_shape = json.load(f)
         return (float("nan") if d is None else float(d)), int(regions), tuple(block_shape)
+    fit = None
+    if correction:
+        from ..filters.segmentation import correction as load_correction
+
+        fit = tuple(load_correction(correction)["coefficients"])
     d, regions, block_shape = env.rt.gather_small(_diameter_task, value, lo, hi, shape, int(channel),
-                                                  tuple(value.spacing), int(max_voxels), model or None)
+                                                  tuple(value.spacing), int(max_voxels), model or None, fit)
     with open(record, "w") as f:
         json.dump([d if math.isfinite(d) else None, regions, block_shape], f)
     return d, regions, tuple(block_shape)
@@ -116,8 +124,9 @@ def _estimate_cell_diameter(env, step, images, metas):
     from ..filters.base import resolve_relative
 
     model = resolve_relative(p.get("ModelPath", ""), env.base_dir) if p.get("ModelPath") else ""
+    fit = resolve_relative(p["CorrectionFile"], env.base_dir) if p.get("CorrectionFile") else ""
     d, regions, block_shape = estimate_diameter(env, v, channel=p["Channel"], max_voxels=p["MaxVoxels"],
-                                                name=f"{item}-diameter", model=model)
+                                                name=f"{item}-diameter", model=model, correction=fit)
     empty = not math.isfinite(d)
     env.no_cells = env.no_cells or empty
     if empty:

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from ..diameter import estimate_cell_diameter
+from ..diameter import estimate_cell_diameter, load_fit
 from ..errors import InputError
 from ..image import MetaTable
 from ..schemas.params import Param
@@ -32,6 +32,15 @@ def _channel(img, channel):
     if data.ndim != 3:
         raise InputError(f"expected a 3D image, got shape {data.shape}")
     return data
+
+
+def correction(path):
+    """:func:`c3dseg.diameter.load_fit` for EstimateCellDiameter's ``CorrectionFile`` (errors name
+    the parameter)."""
+    try:
+        return load_fit(path)
+    except InputError as e:
+        raise InputError(e.message, key="CorrectionFile") from None
 
 
 @register
@@ -58,14 +67,19 @@ class EstimateCellDiameter(Filter):
               "The .onnx model file (relative paths: to the pipeline's folder); here it refines the classical estimate (segments a central crop of at most 64^3 voxels at "
               "the scale the estimate implies, twice; kept only when the network measures the cells rather "
               "than echoing the scale). Empty: the classical estimate only.", path=True, exists=True),
+        Param("CorrectionFile", "string", "",
+              "The estimate's correction (JSON written by c3d-fit-diameter from your own annotated stacks; "
+              "relative paths: to the pipeline's folder). Empty: the packaged fit (synthetic tissue).",
+              path=True, exists=True),
     )
 
     def run(self, images, metas):
         img = images[0]
         data = _channel(img, self.p["Channel"])
         model = self.resolve_path(self.p["ModelPath"]) if self.p["ModelPath"] else None
+        fit = correction(self.resolve_path(self.p["CorrectionFile"])) if self.p["CorrectionFile"] else None
         d, info = estimate_cell_diameter(data, img.spacing, max_voxels=self.p["MaxVoxels"], model=model,
-                                         return_details=True)
+                                         fit=fit, return_details=True)
         regions = info["regions"]
         empty = not math.isfinite(d)
         if empty:
