@@ -30,9 +30,18 @@ XSI = "http://www.w3.org/2001/XMLSchema-instance"
 REFINE_DIAMETER = False
 
 #: InstanceSizeFilter's MinRadiusVoxels as a fraction of the model's median cell diameter in voxels
-#: (its metadata): cells under ~0.4x the median diameter go (0.2 x 13.84 = 2.8 for the shipped models);
-#: the filter works on the model's grid, so the threshold follows the model's scale.
+#: (its metadata) times the Zoom: cells under ~0.4x the median diameter go (0.2 x 19.78 x 1.2 = 4.7 for
+#: the shipped tanh model); the filter works on the model's grid, so the threshold follows its scale.
 MIN_RADIUS_FRACTION = 0.2
+
+#: ResampleToModelScale's Zoom per flow type: the cells are shown this many times larger than the
+#: model's training diameter.  Chosen on 12 training-preset volumes the models never saw
+#: (c3d-synth -o tune12 -n 12 --seed 5000 --preset train), never on the validation seeds, as the
+#: largest mean per-cell Dice among 1.0, 1.1, 1.2 (1.35) whose AP@0.5 stays within 0.005 of 1.0's:
+#: tanh 1.1 (Dice 0.613 -> 0.631, AP@0.5 0.506 -> 0.504; at 1.2 0.644 but AP@0.5 0.493), heat 1.2
+#: (0.601 -> 0.644, AP@0.5 0.486 -> 0.503).  Small cells gain most; large ones start to split.  The
+#: network's time grows with Zoom cubed (1.33x, 1.73x).  README "Default models" has the figures.
+ZOOM = {"tanh": 1.1, "heat": 1.2}
 
 #: Cells with less than this fraction of their voxels in the TissueMask (the voxels near visible
 #: walls) are removed: the networks also find "cells" in the noisy, empty surround of a specimen.
@@ -71,14 +80,16 @@ def item(n, name, inputs=(), values=None, description=None):
 
 def segment(flow_type: str, model: str) -> etree._Element:
     model_path = f"../models/{model}"
-    min_radius = round(MIN_RADIUS_FRACTION * model_cell_diameter_voxels(os.path.join(OUT, model_path)), 1)
+    zoom = ZOOM[flow_type]
+    # cells on the model's grid are zoom x the model's diameter across: the size threshold follows
+    min_radius = round(MIN_RADIUS_FRACTION * zoom * model_cell_diameter_voxels(os.path.join(OUT, model_path)), 1)
     items = [
         item(1, "ImageReader", [("cmd", 0)], {"DefaultInput": "../data/sample.tif"},
              "Reads the stack (the bundled sample when no -i is given)"),
         item(2, "EstimateCellDiameter", [(1, 1)],
              {"WriteMetaData": False, "ModelPath": model_path if REFINE_DIAMETER else ""}) if "EstimateCellDiameter" in registry() else None,
         item(3, "ResampleToModelScale", [(2 if "EstimateCellDiameter" in registry() else 1, 1)],
-             {"ModelPath": model_path}),
+             {"ModelPath": model_path, "Zoom": zoom}),
         item(4, "OnnxModel", [(3, 1)], {"ModelPath": model_path}),
         item(5, "TileMerger", [(4, 1)], {}),
         item(6, "FlowSmoothingFilter", [(5, 1), (5, 2), (5, 3), (5, 4)], {"Sigma": 1.0, "ForegroundThreshold": 0.5}),

@@ -91,6 +91,21 @@ def test_max_upsampling_allows_the_20_voxel_scale():
         _resample({"CellDiameterUm": 0.6}, {}, shape=(2, 3, 3))    # z zoom 13.3
 
 
+def test_zoom_shows_cells_larger_than_the_training_diameter():
+    """Zoom 1.5: cells of 4 um at 8 voxels x 1.5 = 12 voxels, so the grid's spacing is 4/12 um; the
+    zoom counts toward MaxUpsampling."""
+    from c3dseg.errors import C3DError
+
+    plain = _resample({"CellDiameterUm": 4.0}, {})
+    zoomed = _resample({"CellDiameterUm": 4.0, "Zoom": 1.5}, {})
+    assert plain.spacing == pytest.approx((0.5, 0.5, 0.5))
+    assert zoomed.spacing == pytest.approx((1 / 3, 1 / 3, 1 / 3), rel=0.02)
+    assert zoomed.data.shape == (24, 36, 36)      # 8 x 1 um and 24 x 0.5 um at 1/3 um
+    assert zoomed.meta["cell_diameter_um"] == plain.meta["cell_diameter_um"] == 4.0
+    with pytest.raises(C3DError, match="MaxUpsampling"):
+        _resample({"CellDiameterUm": 1.0, "Zoom": 1.6}, {}, shape=(2, 3, 3))   # z zoom 8 x 1.6 > 12
+
+
 def test_no_cells_meta_gives_a_small_stand_in(caplog):
     with caplog.at_level(logging.WARNING, logger="c3dseg"):
         out = _resample({"CellDiameterUm": 4.0}, {"cell_diameter_um": float("nan"), "no_cells": True},
