@@ -211,12 +211,11 @@ def main(argv=None) -> int:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cv = fit["within_20_percent_cross_validated"]
-    print(f"fit on {fit['volumes']} stacks{' (w0 only: fewer than %d stacks)' % MIN_FULL_FIT if fit['intercept_only'] else ''}: "
-          f"coefficients {fit['coefficients']} ({', '.join(dm.FEATURES)}); within 20 %: "
-          f"{fit['within_20_percent_fitted']} fitted, {cv or '-'} under {fit['cross_validation_folds']}-fold "
-          f"cross-validation, "
-          f"{fit['within_20_percent_packaged_fit']} with the packaged fit")
+    cv = fit["within_20_percent_cross_validated"] or "-"
+    only = f" (w0 only: fewer than {MIN_FULL_FIT} stacks)" if fit["intercept_only"] else ""
+    print(f"fit on {fit['volumes']} stacks{only}: coefficients {fit['coefficients']} ({', '.join(dm.FEATURES)}); "
+          f"within 20 %: {fit['within_20_percent_fitted']} fitted, {cv} under {fit['cross_validation_folds']}-fold "
+          f"cross-validation, {fit['within_20_percent_packaged_fit']} with the packaged fit")
     print(f"wrote {args.output}; use it with --set EstimateCellDiameter.CorrectionFile={args.output}")
     return 0
 

@@ -124,14 +124,9 @@ def test_bad_fit_file_names_the_file(tmp_path, text):
 @pytest.fixture(scope="module")
 def bench():
     """``benchmarks/diameter.py`` as a module."""
-    import importlib.util
-    import pathlib
+    from bench_kit import load_benchmark
 
-    spec = importlib.util.spec_from_file_location(
-        "bench_diameter", pathlib.Path(__file__).parent.parent / "benchmarks" / "diameter.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("diameter")
 
 
 def test_benchmark_rejects_correction_with_fit(tmp_path, bench):

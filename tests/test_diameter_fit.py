@@ -1,7 +1,6 @@
 """c3d-fit-diameter: the estimator's correction fitted to annotated stacks, and its use through
 EstimateCellDiameter's CorrectionFile (whole image and blockwise)."""
 
-import json
 import math
 
 import numpy as np

@@ -1,8 +1,5 @@
 """benchmarks/postprocess.py: variants of a default pipeline on annotated stacks, the network run once."""
 
-import importlib.util
-import pathlib
-
 import pytest
 
 from c3dseg import synthesis as S
@@ -12,11 +9,9 @@ pytest.importorskip("onnxruntime")
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_postprocess", pathlib.Path(__file__).parent.parent / "benchmarks" / "postprocess.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from bench_kit import load_benchmark
+
+    return load_benchmark("postprocess")
 
 
 def test_parse_variant(bench):
