@@ -34,9 +34,9 @@ import time
 import numpy as np
 
 from . import diameter as dm
-from .errors import C3DError, InputError
+from .errors import C3DError, InputError, print_error
 
-__all__ = ["fit_correction", "fit_folders", "write_fit", "main", "MIN_FULL_FIT"]
+__all__ = ["fit_correction", "usable", "fit_folders", "write_fit", "main", "MIN_FULL_FIT"]
 
 #: Fewer usable stacks than this: only the intercept w0 is fitted.
 MIN_FULL_FIT = 10
@@ -44,9 +44,15 @@ MIN_FULL_FIT = 10
 TOLERANCE = 0.2
 
 
-def fit_correction(truth, raw, feats, *, folds=10, intercept_only=False):
-    """Least-squares ``log(truth / raw) = w0 + w . features`` over the stacks with a finite raw
-    median and finite features.
+def usable(truth, raw, feats):
+    """Mask of the stacks a fit can use: finite positive truth and raw median, finite features."""
+    truth, raw = np.asarray(truth, np.float64), np.asarray(raw, np.float64)
+    feats = np.asarray(feats, np.float64).reshape(len(truth), len(dm.FEATURES))
+    return np.isfinite(raw) & (raw > 0) & np.isfinite(truth) & (truth > 0) & np.all(np.isfinite(feats), axis=1)
+
+
+def fit_correction(truth, raw, feats, *, folds=10, intercept_only=False, reference=None):
+    """Least-squares ``log(truth / raw) = w0 + w . features`` over the :func:`usable` stacks.
 
     Parameters
     ----------
@@ -57,31 +63,31 @@ def fit_correction(truth, raw, feats, *, folds=10, intercept_only=False):
         Cross-validation folds (at most the number of stacks: leave-one-out below that).
     intercept_only : bool
         Fit w0 only (the other weights 0).
+    reference : sequence of float, optional
+        Other coefficients (e.g. the packaged fit's) to count hits for on the same stacks.
 
     Returns
     -------
     dict with ``coefficients`` [w0, w1, w2], ``used`` (stacks in the fit), ``hits`` (stacks the fit
     brings within 20 %), ``cv_hits`` (the same, each stack predicted by a fit without its fold;
-    None for a single stack) and ``folds``.
+    None for a single stack), ``folds`` and, with ``reference``, ``reference_hits``.
     """
-    truth = np.asarray(truth, np.float64)
-    raw = np.asarray(raw, np.float64)
-    feats = np.asarray(feats, np.float64).reshape(len(truth), len(dm.FEATURES))
-    ok = np.isfinite(raw) & (raw > 0) & np.isfinite(truth) & (truth > 0) & np.all(np.isfinite(feats), axis=1)
+    ok = usable(truth, raw, feats)
     n = int(ok.sum())
     if n == 0:
         raise InputError("no stack to fit: every estimate failed (no visible cells) or no truth")
+    feats = np.asarray(feats, np.float64).reshape(len(ok), len(dm.FEATURES))
     x = np.c_[np.ones(n), feats[ok]]
-    if intercept_only:
-        x[:, 1:] = 0.0
-    y = np.log(truth[ok] / raw[ok])
+    y = np.log(np.asarray(truth, np.float64)[ok] / np.asarray(raw, np.float64)[ok])
+    cols = 1 if intercept_only else x.shape[1]
 
     def solve(idx):
-        w = np.linalg.lstsq(x[idx][:, :1] if intercept_only else x[idx], y[idx], rcond=None)[0]
-        return np.r_[w, np.zeros(x.shape[1] - len(w))]
+        w = np.zeros(x.shape[1])
+        w[:cols] = np.linalg.lstsq(x[idx, :cols], y[idx], rcond=None)[0]
+        return w
 
     def hits(w, idx):
-        c = np.clip(np.exp(x[idx] @ w), dm.MIN_CORRECTION, dm.MAX_CORRECTION)
+        c = np.clip(np.exp(x[idx] @ np.asarray(w, np.float64)), dm.MIN_CORRECTION, dm.MAX_CORRECTION)
         return int(np.sum(np.abs(c * np.exp(-y[idx]) - 1) <= TOLERANCE))
 
     everything = np.arange(n)
@@ -91,8 +97,11 @@ def fit_correction(truth, raw, feats, *, folds=10, intercept_only=False):
     if k >= 2:
         order = np.random.default_rng(0).permutation(n)
         cv = sum(hits(solve(np.setdiff1d(everything, order[i::k])), order[i::k]) for i in range(k))
-    return {"coefficients": [float(v) for v in w], "used": n, "hits": hits(w, everything), "cv_hits": cv,
-            "folds": k}
+    out = {"coefficients": [float(v) for v in w], "used": n, "hits": hits(w, everything), "cv_hits": cv,
+           "folds": k}
+    if reference is not None:
+        out["reference_hits"] = hits(reference, everything)
+    return out
 
 
 def _pairs(folder):
@@ -143,12 +152,9 @@ def fit_folders(folders, *, folds=10, say=print):
     truth = np.array([r[1] for r in rows])
     raw = np.array([r[2] for r in rows])
     feats = np.array([r[3] for r in rows], np.float64).reshape(len(rows), len(dm.FEATURES))
-    ok = np.isfinite(truth) & np.isfinite(raw) & np.all(np.isfinite(feats), axis=1)
-    intercept_only = int(ok.sum()) < MIN_FULL_FIT
-    r = fit_correction(truth, raw, feats, folds=folds, intercept_only=intercept_only)
-    c = np.clip(np.exp(np.c_[np.ones(int(ok.sum())), feats[ok]] @ np.asarray(dm.load_fit()["coefficients"])),
-                dm.MIN_CORRECTION, dm.MAX_CORRECTION)
-    packaged_hits = int(np.sum(np.abs(c * raw[ok] / truth[ok] - 1) <= TOLERANCE))
+    intercept_only = int(usable(truth, raw, feats).sum()) < MIN_FULL_FIT
+    r = fit_correction(truth, raw, feats, folds=folds, intercept_only=intercept_only,
+                       reference=dm.load_fit()["coefficients"])
     n = r["used"]
     return {"features": list(dm.FEATURES), "coefficients": [round(v, 6) for v in r["coefficients"]],
             "fitted_on": [os.path.abspath(f) for f in folders], "volumes": n,
@@ -156,7 +162,7 @@ def fit_folders(folders, *, folds=10, say=print):
             "within_20_percent_fitted": f"{r['hits']}/{n}",
             "within_20_percent_cross_validated": None if r["cv_hits"] is None else f"{r['cv_hits']}/{n}",
             "cross_validation_folds": r["folds"],
-            "within_20_percent_packaged_fit": f"{packaged_hits}/{n}",
+            "within_20_percent_packaged_fit": f"{r['reference_hits']}/{n}",
             "truth": "median equivalent-sphere diameter of the labelled interior cells",
             "command": "c3d-fit-diameter " + " ".join(folders)}
 
@@ -206,10 +212,7 @@ def main(argv=None) -> int:
         fit["command"] = "c3d-fit-diameter " + " ".join(sys.argv[1:] if argv is None else argv)
         write_fit(fit, args.output, overwrite=args.overwrite)
     except C3DError as e:
-        if args.verbose:
-            import traceback
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e, args.verbose)
         return 2
     cv = fit["within_20_percent_cross_validated"] or "-"
     only = f" (w0 only: fewer than {MIN_FULL_FIT} stacks)" if fit["intercept_only"] else ""

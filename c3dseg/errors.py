@@ -63,3 +63,15 @@ class InputError(C3DError):
 
 class ExecutionError(C3DError):
     """A filter failed while running."""
+
+
+def print_error(e: Exception, verbose: bool = False) -> None:
+    """A command-line tool's report of ``e``: ``error: <one line>`` on stderr, the traceback first
+    with ``verbose``."""
+    import sys
+
+    if verbose:
+        import traceback
+
+        traceback.print_exc()
+    print(f"error: {e}", file=sys.stderr)

@@ -29,7 +29,7 @@ import sys
 
 import numpy as np
 
-from .errors import C3DError, PipelineError
+from .errors import C3DError, PipelineError, print_error
 
 THRESHOLDS = (0.5, 0.75, 0.9)
 SECTIONS = ("all", "interior", "border")
@@ -317,10 +317,7 @@ def main(argv=None) -> int:
                      [p["_dice"] for p in report["predictions"]],
                      title="per-cell Dice" + (" (interior cells)" if args.exclude_border else ""))
     except C3DError as e:
-        if args.verbose:
-            import traceback
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e, args.verbose)
         return 2
     for p in report["predictions"]:
         p.pop("_dice")

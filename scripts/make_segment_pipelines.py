@@ -30,7 +30,7 @@ XSI = "http://www.w3.org/2001/XMLSchema-instance"
 REFINE_DIAMETER = False
 
 #: InstanceSizeFilter's MinRadiusVoxels as a fraction of the model's median cell diameter in voxels
-#: (its metadata) times the Zoom: cells under ~0.4x the median diameter go (0.2 x 19.78 x 1.2 = 4.7 for
+#: (its metadata) times the Zoom: cells under ~0.4x the median diameter go (0.2 x 19.78 x 1.1 = 4.4 for
 #: the shipped tanh model); the filter works on the model's grid, so the threshold follows its scale.
 MIN_RADIUS_FRACTION = 0.2
 
