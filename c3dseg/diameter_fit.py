@@ -34,7 +34,7 @@ import time
 import numpy as np
 
 from . import diameter as dm
-from .errors import C3DError, InputError, print_error
+from .errors import ArgumentError, C3DError, InputError, print_error
 
 __all__ = ["fit_correction", "usable", "fit_folders", "write_fit", "main", "MIN_FULL_FIT"]
 
@@ -110,8 +110,8 @@ def _pairs(folder):
     images, labels = os.path.join(folder, "images"), os.path.join(folder, "labels")
     for sub in (images, labels):
         if not os.path.isdir(sub):
-            raise InputError(f"{folder}: no {os.path.basename(sub)}/ folder (expected images/ and labels/ "
-                             f"with files matched by name)")
+            raise ArgumentError(f"no {os.path.basename(sub)}/ folder (expected images/ and labels/ with files "
+                                f"matched by name)", file=folder)
     return [(name, img, lab) for name, lab, img in match_pairs(labels, images)]
 
 
@@ -204,16 +204,17 @@ def main(argv=None) -> int:
     say = (lambda *_: None) if args.quiet else (lambda s: print(s, flush=True))
     try:
         if os.path.exists(args.output) and not args.overwrite:   # before minutes of measuring
-            raise InputError(f"{args.output}: exists (pass --overwrite to replace it)")
+            raise ArgumentError("exists (pass --overwrite to replace it)", file=args.output)
         for f in args.folders:
             if not os.path.isdir(f):
-                raise InputError(f"{f}: no such folder")
+                raise ArgumentError("no such folder", file=f)
+            _pairs(f)                                           # images/ and labels/ pair up
         fit = fit_folders(args.folders, folds=args.folds, say=say)
         fit["command"] = "c3d-fit-diameter " + " ".join(sys.argv[1:] if argv is None else argv)
         write_fit(fit, args.output, overwrite=args.overwrite)
     except C3DError as e:
         print_error(e, args.verbose)
-        return 2
+        return e.exit_code
     cv = fit["within_20_percent_cross_validated"] or "-"
     only = f" (w0 only: fewer than {MIN_FULL_FIT} stacks)" if fit["intercept_only"] else ""
     print(f"fit on {fit['volumes']} stacks{only}: coefficients {fit['coefficients']} ({', '.join(dm.FEATURES)}); "

@@ -57,6 +57,11 @@ class ParameterError(PipelineError):
     """A parameter value is missing, of the wrong type or out of range."""
 
 
+class ArgumentError(PipelineError):
+    """Bad command-line arguments (exit code 2; nothing ran): a missing file or folder, inputs that do
+    not pair up, an output that exists."""
+
+
 class InputError(C3DError):
     """An input file is missing, unreadable or unsuitable (exit code 1: found while running)."""
 

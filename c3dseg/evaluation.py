@@ -29,14 +29,10 @@ import sys
 
 import numpy as np
 
-from .errors import C3DError, PipelineError, print_error
+from .errors import ArgumentError, C3DError, print_error
 
 THRESHOLDS = (0.5, 0.75, 0.9)
 SECTIONS = ("all", "interior", "border")
-
-
-class ArgumentError(PipelineError):
-    """Bad command-line arguments or inputs (exit code 2)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +314,7 @@ def main(argv=None) -> int:
                      title="per-cell Dice" + (" (interior cells)" if args.exclude_border else ""))
     except C3DError as e:
         print_error(e, args.verbose)
-        return 2
+        return e.exit_code
     for p in report["predictions"]:
         p.pop("_dice")
     try:

@@ -107,3 +107,21 @@ def test_filter_bad_correction_file_names_the_parameter(tmp_path):
     with pytest.raises(InputError) as e:
         get_filter("EstimateCellDiameter")({"CorrectionFile": str(bad)}).run([img], [])
     assert "CorrectionFile" in str(e.value) and "bad.json" in str(e.value)
+
+
+def test_cli_exit_codes_bad_arguments_2_bad_stack_1(tmp_path, capsys):
+    """Bad arguments (nothing measured) exit 2, like c3d-run; a stack found unusable while measuring
+    exits 1 and names the file; neither leaves an output."""
+    from c3dseg.io import write_image
+
+    out = tmp_path / "fit.json"
+    assert main([str(tmp_path / "missing"), "-o", str(out)]) == 2
+    assert "missing" in capsys.readouterr().err
+    root = tmp_path / "flat"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    write_image(str(root / "images" / "a.tif"), Image(np.zeros((1, 24, 24), np.float32), (1.0, 1.0, 1.0)))
+    write_image(str(root / "labels" / "a.tif"), Image(np.ones((1, 24, 24), np.uint16), (1.0, 1.0, 1.0)))
+    rc = main([str(root), "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "a.tif" in err[0] and not out.exists()
