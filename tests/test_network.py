@@ -222,3 +222,42 @@ def test_torch_model_runs_torchscript(tmp_path):
                           "PatchHeight": 16}).run([Image(vol)], [])
     for c, o in enumerate(outs):
         np.testing.assert_allclose(o.data, WEIGHTS[c] * vol, rtol=1e-5, atol=1e-6)
+
+
+def test_extra_scales_average_zoomed_predictions(tmp_path):
+    """ExtraScales: the model also runs on the image zoomed by each factor; TileMerger brings each
+    prediction back to the grid and averages them (a pointwise model makes the expectation exact)."""
+    from c3dseg.predict import ScaledStreams, zoom_to
+
+    path = conv_model(tmp_path / "m.onnx", metadata={"normalization": "none"})
+    vol = np.random.default_rng(0).random((21, 37, 30), dtype=np.float32)
+    tiles = dict(PatchDepth=16, PatchHeight=16, PatchWidth=24, PatchOverlap=4)
+    params = {"ModelPath": path, "UseGPU": 0, "MaxThreads": 1, "ExtraScales": "1.5, 0.7", **tiles}
+    stream, = OnnxModel(params).run([Image(vol, (2.0, 0.5, 0.5), {"basename": "v"})], [])[0]
+    assert isinstance(stream, ScaledStreams) and [f for f, _ in stream.extra] == [1.5, 0.7]
+    assert stream.extra[0][1].plan.shape == (32, 56, 45) and stream.extra[1][1].plan.shape == (15, 26, 21)
+    outs, _ = TileMerger({}).run([stream], [])
+    back = [zoom_to(zoom_to(vol, s[1].plan.shape), vol.shape) for s in stream.extra]
+    mean = (vol + back[0] + back[1]) / 3
+    assert not np.allclose(mean, vol, atol=1e-3)           # the zoomed runs change the result
+    for c, out in enumerate(outs):
+        assert out.data.shape == vol.shape and out.spacing == (2.0, 0.5, 0.5)
+        np.testing.assert_allclose(out.data, WEIGHTS[c] * mean, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", ["abc", "1", "3", "1.2,1.2", "0.4"])
+def test_extra_scales_bad_values_name_the_parameter(tmp_path, bad):
+    from c3dseg.errors import ParameterError
+
+    path = conv_model(tmp_path / "m.onnx")
+    with pytest.raises(ParameterError, match="ExtraScales"):
+        OnnxModel.resolve_params({"ModelPath": path, "ExtraScales": bad})
+
+
+def test_extra_scales_refused_blockwise(tmp_path):
+    from c3dseg.errors import ParameterError
+
+    path = conv_model(tmp_path / "m.onnx")
+    assert OnnxModel({"ModelPath": path}).halo() == (0, 0, 0)
+    with pytest.raises(ParameterError, match="ExtraScales: not available blockwise"):
+        OnnxModel({"ModelPath": path, "ExtraScales": "1.25"}).halo()

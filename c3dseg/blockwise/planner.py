@@ -144,8 +144,8 @@ def plan_blocks(plan, spacing=(1.0, 1.0, 1.0), block=None, shape=None) -> BlockP
 
                     if it.name in GLOBAL_HALOS:
                         h = as_triple(GLOBAL_HALOS[it.name](step.params, tuple(spacing)), "halo")
-            except PipelineError:
-                raise
+            except PipelineError as e:
+                raise e.located(file=file, item=it.item_id, filter=it.name)
             except Exception as e:
                 raise PipelineError(f"cannot work out the block halo: {type(e).__name__}: {e}", file=file,
                                     item=it.item_id, filter=it.name) from None
