@@ -47,7 +47,7 @@ def _cached_merge(self, images, metas):
     s = images[0]
     meta = getattr(s, "meta", {})
     key = (meta.get("basename"), meta.get("model_path"), tuple(np.round(getattr(s, "spacing", ()), 6)),
-           self.p["Blending"], tuple(f for f, _ in getattr(s, "extra", ())))   # OnnxModel ExtraScales
+           self.p["Blending"])
     if key not in _CACHE:
         if len(_CACHE) >= 4:              # one stack at a time: keep a few grids, not every stack's
             _CACHE.clear()

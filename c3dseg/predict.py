@@ -236,68 +236,6 @@ class FlipAveraged:
         return total
 
 
-#: range of the factors of :class:`ScaledStreams` (``ExtraScales``)
-MIN_EXTRA_SCALE, MAX_EXTRA_SCALE = 0.5, 2.0
-
-
-def parse_extra_scales(text) -> tuple[float, ...]:
-    """``ExtraScales`` ("" or comma-separated factors, e.g. "1.25") as a tuple of floats; a
-    :class:`ParameterError` for anything else (not a number, outside [0.5, 2], 1, repeated)."""
-    text = str(text or "").strip()
-    if not text:
-        return ()
-    out = []
-    for part in text.split(","):
-        try:
-            f = float(part)
-        except ValueError:
-            raise ParameterError(f"expected comma-separated zoom factors such as 1.25, got {text!r}",
-                                 key="ExtraScales") from None
-        if not MIN_EXTRA_SCALE <= f <= MAX_EXTRA_SCALE or f == 1.0 or f in out:
-            raise ParameterError(f"factor {part.strip()} must lie in [{MIN_EXTRA_SCALE}, {MAX_EXTRA_SCALE}], "
-                                 f"differ from 1 and appear once", key="ExtraScales")
-        out.append(f)
-    return tuple(out)
-
-
-def zoom_to(data: np.ndarray, shape) -> np.ndarray:
-    """``data`` (Z, Y, X) linearly resampled to ``shape``, voxel centres aligned (float32)."""
-    from scipy import ndimage as ndi
-
-    data = np.asarray(data, np.float32)
-    if tuple(data.shape) == tuple(shape):
-        return data
-    return ndi.zoom(data, [t / s for t, s in zip(shape, data.shape)], order=1, mode="nearest", grid_mode=True,
-                    output=np.float32)
-
-
-class ScaledStreams:
-    """Tile streams of one volume at several zooms: ``TileMerger`` blends each, brings them back to
-    the first stream's grid (linear interpolation) and averages them.
-
-    Flows of both kinds (tanh scaled to each cell, heat normalised) do not change when an image is
-    zoomed the same along every axis, so the average is a prediction of the same kind; the model
-    sees each cell at several sizes (``OnnxModel``'s ``ExtraScales``).  Merged one stream at a time:
-    memory is the main grid's prediction plus one zoomed one.
-    """
-
-    def __init__(self, main: TileStream, extra: Sequence[tuple[float, TileStream]]):
-        self.main = main
-        self.extra = list(extra)
-        self.spacing, self.meta, self.channels = main.spacing, main.meta, main.channels
-        self.channel_names = main.channel_names
-
-    def merge(self, blending: str = "cosine") -> np.ndarray:
-        total = np.asarray(self.main.merge(blending), np.float32)
-        for _, stream in self.extra:
-            pred = stream.merge(blending)
-            for c in range(total.shape[0]):
-                total[c] += zoom_to(pred[c], total.shape[1:])
-            del pred
-        total /= float(1 + len(self.extra))
-        return total
-
-
 def check_tile_shape(tile_shape: Sequence[int], divisor: int, *, fixed: Sequence[int | None] = (None,) * 3,
                      keys: Sequence[str] = ("PatchDepth", "PatchHeight", "PatchWidth"),
                      warn: bool = True) -> tuple[int, int, int]:

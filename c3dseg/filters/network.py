@@ -18,8 +18,8 @@ import numpy as np
 
 from ..errors import InputError, ParameterError
 from ..image import Image
-from ..predict import (AUGMENTATIONS, CHANNEL_NAMES, FlipAveraged, OnnxNetwork, ScaledStreams, check_tile_shape,
-                       make_transform, parse_extra_scales, tile_stream, zoom_to)
+from ..predict import (AUGMENTATIONS, CHANNEL_NAMES, FlipAveraged, OnnxNetwork, check_tile_shape, make_transform,
+                       tile_stream)
 from ..schemas.params import Param
 from ..tiling import BLENDINGS, TileStream, plan_tiles, stride_to_overlap
 from .base import Filter, Port, register
@@ -47,10 +47,6 @@ def _patch_params(depth: int, height: int, width: int, stride: float, stride_tex
     )
 
 
-_SCALES_PARAM = Param(
-    "ExtraScales", "string", "", "Also predict on the image zoomed by these factors (comma-separated, 0.5-2; "
-    "1.25 shows the cells 25 % larger) and average the predictions brought back to this grid; each factor f "
-    "costs f^3 times the network's time. Empty: one prediction. Not available blockwise.")
 _TTA_PARAM = Param(
     "TestTimeAugmentation", "string", "none", "Average the predictions of mirrored inputs: none; xy (4 network "
     "runs per tile: mirrored in y, x and both); xyz (8 runs: every mirror combination). Less noisy flows, at 4 "
@@ -64,20 +60,9 @@ class _PredictorMixin:
     #: predicted once, blended block by block (c3dseg.blockwise.globals)
     blockwise = "global"
 
-    @classmethod
-    def check_params(cls, p):
-        super().check_params(p)
-        try:
-            parse_extra_scales(p.get("ExtraScales", ""))
-        except ParameterError as e:
-            raise e.located(filter=cls.name)
-
     def halo(self, spacing=(1.0, 1.0, 1.0)):
         """Context a block pass reads around its block: none (tiles are cut from the whole volume
-        whatever the blocks, and each block blends only its own voxels).  Refuses ExtraScales."""
-        if parse_extra_scales(self.p.get("ExtraScales", "")):
-            raise ParameterError("not available blockwise (the whole image is zoomed): leave it empty",
-                                 key="ExtraScales", item=self.ctx.item_id or None, filter=self.name)
+        whatever the blocks, and each block blends only its own voxels)."""
         return (0, 0, 0)
 
     def _network(self) -> OnnxNetwork:
@@ -133,25 +118,12 @@ class _PredictorMixin:
         if axes:
             log.info("%s: test-time augmentation, %d mirrored runs per tile", self.name, 2 ** len(axes))
             net = FlipAveraged(net, axes)
-        scales = parse_extra_scales(self.p.get("ExtraScales", ""))
-        kw = dict(batch_size=int(self.p.get("BatchSize", 1)), transform=transform, meta=meta,
-                  progress=bool(self.ctx.progress))
-        stream = tile_stream(vol, net, plan, spacing=img.spacing, **kw)
-        if not scales:
-            return stream
-        extra = []
-        for f in scales:
-            # the same normalisation (transform) as the main grid's: only the cells' size changes
-            shape = tuple(max(1, int(round(n * f))) for n in img.shape3d)
-            zoomed = (zoom_to(vol, shape) if vol.ndim == 3 else np.stack([zoom_to(c, shape) for c in vol]))
-            log.info("%s: also predicting at zoom %g (%s)", self.name, f, "x".join(map(str, shape)))
-            extra.append((f, tile_stream(zoomed, net, self._plan(shape, net.size_divisor, net.fixed_shape),
-                                         spacing=tuple(s / f for s in img.spacing), **kw)))
-        return ScaledStreams(stream, extra)
+        return tile_stream(vol, net, plan, batch_size=int(self.p.get("BatchSize", 1)), transform=transform,
+                           spacing=img.spacing, meta=meta, progress=bool(self.ctx.progress))
 
 
 def _split(stream_or_image, blending: str) -> list[Image]:
-    if isinstance(stream_or_image, (TileStream, ScaledStreams)):
+    if isinstance(stream_or_image, TileStream):
         s = stream_or_image
         out = s.merge(blending)
         images = []
@@ -195,7 +167,6 @@ class OnnxModel(_PredictorMixin, Filter):
               min=0.0, max=100.0, allow=(-1.0,)),
 
         _TTA_PARAM,
-        _SCALES_PARAM,
     )
 
     def run(self, images, metas):
@@ -244,7 +215,6 @@ class TorchModel(_PredictorMixin, Filter):
         Param("Normalization", "string", "auto", "Input normalisation: auto (from an ONNX model's metadata; none "
               "for TorchScript), percentile, minmax or none.", choices=("auto", "percentile", "minmax", "none")),
         _TTA_PARAM,
-        _SCALES_PARAM,
     )
 
     def run(self, images, metas):
