@@ -42,7 +42,7 @@ sys.path.insert(0, ROOT)
 from c3dseg.diameter import estimate_cell_diameter  # noqa: E402
 from c3dseg.io import read_image, write_image  # noqa: E402
 from c3dseg.evaluation import ArgumentError, match_pairs  # noqa: E402
-from c3dseg.metrics import evaluate, mean_cell_dice  # noqa: E402
+from c3dseg.metrics import GT_ERRORS, PRED_ERRORS, error_breakdown, evaluate, mean_cell_dice  # noqa: E402
 from c3dseg.watershed import seeded_watershed  # noqa: E402
 
 PIPELINES = {"tanh": os.path.join(ROOT, "pipelines", "segment.xml"),
@@ -70,8 +70,31 @@ def run_pipeline(pipeline, image, out, extra=()):
 
 def score(gt, pred):
     r = evaluate(gt, pred, border="separate")
+    r["errors"] = error_breakdown(gt, pred)
     dice = mean_cell_dice(gt, pred, return_per_cell=True)[1]
     return r, np.asarray(dice, float)
+
+
+def errors_table(rows, sets, methods):
+    """Why cells go unmatched at IoU 0.5 (c3d-eval --errors), summed over each set's volumes."""
+    print("\nUnmatched cells at IoU 0.5, summed over the volumes (c3d-eval --errors):")
+    print("| set | method | GT cells | unmatched | " + " | ".join(GT_ERRORS) + " | predicted cells | unmatched | "
+          + " | ".join(PRED_ERRORS) + " |")
+    print("|---" * (6 + len(GT_ERRORS) + len(PRED_ERRORS)) + "|")
+    for set_name in sets:
+        rs = [r for r in rows if r["set"] == set_name]
+        for m in methods:
+            tot = {"gt": {}, "pred": {}}
+            for r in rs:
+                for side in tot:
+                    for k, v in r[f"{m}_errors"][side].items():
+                        tot[side][k] = tot[side].get(k, 0) + v
+            g, p = tot["gt"], tot["pred"]
+            if not g:
+                continue
+            print(f"| {set_name} | {m} | {g['cells']} | {g['cells'] - g['matched']} | "
+                  + " | ".join(str(g[k]) for k in GT_ERRORS) + f" | {p['cells']} | {p['cells'] - p['matched']} | "
+                  + " | ".join(str(p[k]) for k in PRED_ERRORS) + " |")
 
 
 def _interior(row, method, r):
@@ -212,7 +235,7 @@ def main():
                 r, d = score(gt, pred)
                 row[f"{model}_dice"], row[f"{model}_ap50"], row[f"{model}_ap75"] = \
                     r["mean_dice"], r["ap@0.5"], r["ap@0.75"]
-                row[f"{model}_aji"] = r["aji"]
+                row[f"{model}_aji"], row[f"{model}_errors"] = r["aji"], r["errors"]
                 _interior(row, model, r)
                 per_cell[model].append(d)
             diam = estimate_cell_diameter(img.data, img.spacing)
@@ -222,7 +245,7 @@ def main():
             r, d = score(gt, np.asarray(ws, np.int64))
             row["watershed_dice"], row["watershed_ap50"], row["watershed_ap75"] = \
                 r["mean_dice"], r["ap@0.5"], r["ap@0.75"]
-            row["watershed_aji"] = r["aji"]
+            row["watershed_aji"], row["watershed_errors"] = r["aji"], r["errors"]
             _interior(row, "watershed", r)
             per_cell["watershed"].append(d)
             rows.append(row)
@@ -234,6 +257,7 @@ def main():
     _table(rows, sets, "_int", "Interior cells (ground-truth cells touching no face of the volume; c3d-eval's "
                                "border=separate):", list(per_cell))
     print("(means over volumes; Dice: each ground-truth cell against the predicted cell overlapping it most)")
+    errors_table(rows, sets, list(per_cell))
 
     if a.plot:
         try:

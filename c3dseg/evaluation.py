@@ -30,6 +30,7 @@ import sys
 import numpy as np
 
 from .errors import ArgumentError, C3DError, print_error
+from .metrics import GT_ERRORS, PRED_ERRORS
 
 THRESHOLDS = (0.5, 0.75, 0.9)
 SECTIONS = ("all", "interior", "border")
@@ -118,13 +119,35 @@ def score_pair(gt: np.ndarray, pred: np.ndarray, *, exclude_border: bool = False
         ``dice``: (G,) per-GT-cell Dice (float64) and ``dice_border``: (G,) bool, whether the
         cell touches a face of the volume.
     """
-    from .metrics import evaluate, mean_cell_dice, overlap_table
+    from .metrics import error_breakdown, evaluate, mean_cell_dice, overlap_table
 
     table = overlap_table(gt, pred)
     metrics = evaluate(table, None, border="exclude" if exclude_border else "separate",
                        thresholds=THRESHOLDS)
+    metrics["errors"] = error_breakdown(table, None, threshold=0.5, exclude_border=exclude_border)
     _, dice = mean_cell_dice(table, None, return_per_cell=True)
     return {"metrics": metrics, "dice": dice, "dice_border": np.asarray(table.gt_border, bool)}
+
+
+def pool_errors(results: list[dict]) -> dict:
+    """The :func:`c3dseg.metrics.error_breakdown` counts of one prediction summed over its files."""
+    out = {"threshold": 0.5, "gt": {}, "pred": {}}
+    for r in results:
+        e = r["metrics"]["errors"]
+        for side in ("gt", "pred"):
+            for k, v in e[side].items():
+                out[side][k] = out[side].get(k, 0) + v
+    return out
+
+
+def format_errors(name: str, e: dict) -> str:
+    """One line: why cells of prediction ``name`` go unmatched at IoU 0.5."""
+    g, p = e["gt"], e["pred"]
+    gt_kinds = ", ".join(f"{k} {g[k]}" for k in GT_ERRORS)
+    pred_kinds = ", ".join(f"{k} {p[k]}" for k in PRED_ERRORS)
+    return (f"{name}: unmatched at IoU {e['threshold']:g}: {g['cells'] - g['matched']} of {g['cells']} "
+            f"ground-truth cells ({gt_kinds}); {p['cells'] - p['matched']} of {p['cells']} predicted "
+            f"cells ({pred_kinds})")
 
 
 def _section(metrics: dict, section: str) -> dict | None:
@@ -283,7 +306,7 @@ def run(gt: str, preds: list[str], *, exclude_border: bool = False, progress: bo
                 print(f"{name}: {stem}", file=sys.stderr, flush=True)
         sections = ("interior",) if exclude_border else SECTIONS
         entry = {"name": name, "path": pred_arg, "summary": {s: pool(results, s) for s in sections},
-                 "files": files, "_dice": per_cell_dice(results, exclude_border=exclude_border)}
+                 "errors": pool_errors(results), "files": files, "_dice": per_cell_dice(results, exclude_border=exclude_border)}
         report["predictions"].append(entry)
     return report
 
@@ -301,6 +324,9 @@ def main(argv=None) -> int:
     ap.add_argument("--exclude-border", action="store_true",
                     help="score only cells that do not touch a face of the volume")
     ap.add_argument("--per-file", action="store_true", help="table rows for every file too")
+    ap.add_argument("--errors", action="store_true",
+                    help="also say why cells go unmatched at IoU 0.5: ground-truth cells missed, merged, "
+                         "split; predicted cells in the background, merges, fragments")
     ap.add_argument("-v", "--verbose", action="store_true", help="traceback on errors")
     args = ap.parse_args(argv)
     try:
@@ -337,6 +363,9 @@ def _print_report(report, args) -> int:
                 rows.append((f"  {f['name']}", "all" if not args.exclude_border else "interior",
                              {**m, "mean_dice": m["mean_dice"]}))
     print(format_table(rows))
+    if args.errors:
+        for p in report["predictions"]:
+            print(format_errors(p["name"], p["errors"]))
     if args.plot:
         print(f"box plot: {args.plot}")
     return 0

@@ -36,7 +36,7 @@ from .labels import check_labels, compress_labels
 __all__ = [
     "OverlapTable", "overlap_table", "match", "average_precision", "mean_cell_dice",
     "matched_f1", "aggregated_jaccard", "adapted_rand_error", "variation_of_information",
-    "evaluate",
+    "evaluate", "error_breakdown",
 ]
 
 DEFAULT_THRESHOLDS = (0.5, 0.75, 0.9)
@@ -409,6 +409,77 @@ def _side_split(table):
     has = best >= 0
     pb[has] = gb[table.gt_index[best[has]]]
     return gb, pb
+
+
+#: :func:`error_breakdown`: a predicted cell "holds" a ground-truth cell when their overlap is at least
+#: this fraction of the ground-truth cell's volume
+HOLD_SHARE = 0.2
+
+#: the kinds :func:`error_breakdown` counts, in the order they are tested
+GT_ERRORS = ("missed", "merged", "split", "other")
+PRED_ERRORS = ("background", "merge", "fragment", "other")
+
+
+def error_breakdown(gt, pred, *, threshold: float = 0.5, exclude_border: bool = False) -> dict:
+    """Why cells go unmatched at IoU ``threshold`` (the errors behind AP = TP / (TP + FP + FN)).
+
+    Each unmatched ground-truth cell is, tested in this order:
+
+    - ``missed``: predicted cells cover less than half of it;
+    - ``merged``: the predicted cell overlapping it most also holds another ground-truth cell
+      (a predicted cell holds a ground-truth cell when it covers at least :data:`HOLD_SHARE` of it);
+    - ``split``: two or more predicted cells hold it;
+    - ``other``: covered by one predicted cell that matches it too poorly (shifted or too large).
+
+    Each unmatched predicted cell is ``background`` (at least half of it lies outside every
+    ground-truth cell), ``merge`` (it holds two or more ground-truth cells), ``fragment`` (at least
+    half of it lies inside one ground-truth cell) or ``other``.  With ``exclude_border`` only the
+    interior cells count (as in :func:`evaluate`).
+
+    Returns
+    -------
+    dict
+        ``threshold``, ``gt`` and ``pred``: ``{"cells", "matched", <kind>: count ...}``.
+    """
+    th = float(_check_thresholds(threshold)[0])
+    table = overlap_table(gt, pred)
+    if exclude_border:
+        gb, pb = _side_split(table)
+        table = table.subset(~gb, ~pb)
+    g_m, p_m = match(table, th)
+    gi, pi, inter = table.gt_index, table.pred_index, table.intersection
+    g_un = np.ones(table.n_gt, bool)
+    g_un[g_m] = False
+    p_un = np.ones(table.n_pred, bool)
+    p_un[p_m] = False
+    held = inter >= HOLD_SHARE * table.gt_sizes[gi]
+    n_held = np.bincount(pi[held], minlength=table.n_pred)       # GT cells each predicted cell holds
+    n_holders = np.bincount(gi[held], minlength=table.n_gt)      # predicted cells holding each GT cell
+    covered = np.bincount(gi, weights=inter, minlength=table.n_gt)
+    best = table.best_pred_for_gt("intersection")
+    best_holds = np.zeros(table.n_gt, np.int64)
+    has = best >= 0
+    best_holds[has] = n_held[pi[best[has]]]
+    kinds = {}
+    left = g_un.copy()
+    for kind, hit in (("missed", covered < 0.5 * table.gt_sizes), ("merged", best_holds >= 2),
+                      ("split", n_holders >= 2), ("other", np.ones(table.n_gt, bool))):
+        kinds[kind] = left & hit
+        left &= ~hit
+    out = {"threshold": th, "gt": {"cells": int(table.n_gt), "matched": int(len(g_m))},
+           "pred": {"cells": int(table.n_pred), "matched": int(len(p_m))}}
+    out["gt"].update({k: int(v.sum()) for k, v in kinds.items()})
+    in_gt = np.bincount(pi, weights=inter, minlength=table.n_pred)
+    best_g = table.best_gt_for_pred("intersection")
+    most = np.zeros(table.n_pred)
+    has = best_g >= 0
+    most[has] = inter[best_g[has]]
+    left = p_un.copy()
+    for kind, hit in (("background", in_gt < 0.5 * table.pred_sizes), ("merge", n_held >= 2),
+                      ("fragment", most >= 0.5 * table.pred_sizes), ("other", np.ones(table.n_pred, bool))):
+        out["pred"][kind] = int((left & hit).sum())
+        left &= ~hit
+    return out
 
 
 def evaluate(gt, pred, *, border: str = "separate", thresholds=DEFAULT_THRESHOLDS) -> dict:

@@ -119,3 +119,34 @@ def test_errors_exit_2(data, tmp_path, capsys):
     assert "flt.tif" in _one_error_line(capsys)
     assert E.main([str(data / "gt"), str(data / "good"), "--plot", str(tmp_path / "x.jpg")]) == 2
     _one_error_line(capsys)
+
+
+def test_errors_line_counts_the_damage(data, capsys):
+    """--errors: the merge of cells 2 and 3 and the missed slab show up as such, pooled over files."""
+    assert E.main([str(data / "gt"), str(data / "good"), str(data / "bad"), "--errors"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    good = next(x for x in lines if x.startswith("good: unmatched"))
+    bad = next(x for x in lines if x.startswith("bad: unmatched"))
+    assert good.startswith("good: unmatched at IoU 0.5: 0 of ") and "merged 0" in good
+    import re
+    merged = int(re.search(r"merged (\d+)", bad).group(1))
+    assert merged >= 2 and "merge " in bad
+    assert E.main([str(data / "gt"), str(data / "bad"), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)["predictions"][0]
+    assert rep["errors"]["gt"]["merged"] == merged
+    assert rep["errors"]["gt"]["cells"] == sum(f["metrics"]["errors"]["gt"]["cells"] for f in rep["files"])
+
+
+def test_accuracy_benchmark_sums_the_errors_per_set(capsys):
+    from bench_kit import load_benchmark
+
+    acc = load_benchmark("accuracy")
+    gt = np.zeros((4, 10, 30), np.int64)
+    gt[:, :, :10], gt[:, :, 10:20], gt[:, :, 20:] = 1, 2, 3
+    merged = np.zeros_like(gt)
+    merged[:, :, :21] = 1                                           # 1 and 2 merged, 3 missed
+    rows = [{"set": "val", "tanh_errors": acc.score(gt, g)[0]["errors"]} for g in (gt, merged)]
+    acc.errors_table(rows, {"val": []}, ["tanh"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    # GT cells 6, unmatched 3 (missed 1, merged 2, split 0, other 0); predicted 4, unmatched 1 (a merge)
+    assert line == "| val | tanh | 6 | 3 | 1 | 2 | 0 | 0 | 4 | 1 | 0 | 1 | 0 | 0 |"

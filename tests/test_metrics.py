@@ -196,3 +196,25 @@ def test_large_ids_use_sparse_path():
     pred = gt * (1 << 40)
     ap, *_ = average_precision(gt, pred)
     np.testing.assert_array_equal(ap, 1.0)
+
+
+def test_error_breakdown_names_each_kind_of_error():
+    """One cell of each kind: matched, missed, two merged, one split in three, a background blob."""
+    from c3dseg.metrics import error_breakdown
+
+    gt = np.zeros((4, 20, 60), np.int32)
+    pred = np.zeros_like(gt)
+    for k, (a, b) in enumerate(((0, 10), (10, 20), (20, 30), (30, 45), (45, 55)), start=1):
+        gt[:, :10, a:b] = k
+    pred[:, :10, 0:10] = 1                      # cell 1 matched
+    pred[:, :10, 10:31] = 2                     # cells 2 and 3 merged (IoU 10/21 each)
+    for j, a in enumerate((30, 35, 40)):        # cell 4 split in three
+        pred[:, :10, a + (a == 30):a + 5] = 3 + j
+    pred[:, 12:18, 0:10] = 6                    # a blob in the background; cell 5 missed
+    e = error_breakdown(gt, pred)
+    assert e["gt"] == {"cells": 5, "matched": 1, "missed": 1, "merged": 2, "split": 1, "other": 0}
+    assert e["pred"] == {"cells": 6, "matched": 1, "background": 1, "merge": 1, "fragment": 3, "other": 0}
+    perfect = error_breakdown(gt, gt)
+    assert perfect["gt"]["matched"] == 5 and perfect["pred"]["fragment"] == 0
+    # every cell touches a face of this volume: nothing is left in the interior
+    assert error_breakdown(gt, pred, exclude_border=True)["gt"]["cells"] == 0
