@@ -366,6 +366,9 @@ def _print_report(report, args) -> int:
     if args.errors:
         for p in report["predictions"]:
             print(format_errors(p["name"], p["errors"]))
+            if args.per_file and len(p["files"]) > 1:
+                for f in p["files"]:
+                    print(format_errors(f"  {f['name']}", f["metrics"]["errors"]))
     if args.plot:
         print(f"box plot: {args.plot}")
     return 0

@@ -131,6 +131,9 @@ def test_errors_line_counts_the_damage(data, capsys):
     import re
     merged = int(re.search(r"merged (\d+)", bad).group(1))
     assert merged >= 2 and "merge " in bad
+    assert E.main([str(data / "gt"), str(data / "bad"), "--errors", "--per-file"]) == 0
+    per_file = [x for x in capsys.readouterr().out.splitlines() if x.startswith("  s") and "unmatched" in x]
+    assert [x.split(":")[0] for x in per_file] == ["  s0", "  s1"]
     assert E.main([str(data / "gt"), str(data / "bad"), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)["predictions"][0]
     assert rep["errors"]["gt"]["merged"] == merged
