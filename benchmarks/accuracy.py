@@ -175,7 +175,8 @@ def main():
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--timing-only", action="store_true", help="only the end-to-end timing run")
     ap.add_argument("--timing-repeat", type=int, default=3, help="timing runs (medians are printed)")
-    ap.add_argument("--models", default="tanh,heat", help="default pipelines to score (tanh, heat; empty: only the --variant ones)")
+    ap.add_argument("--models", default="tanh,heat",
+                    help="default pipelines to score (tanh, heat; empty: only the --variant ones)")
     ap.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME MODEL ITEM.KEY=VALUE",
                     help="also score pipeline MODEL (tanh or heat) with these c3d-run --set values, as "
                          "method NAME (repeatable)")

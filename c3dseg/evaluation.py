@@ -306,7 +306,8 @@ def run(gt: str, preds: list[str], *, exclude_border: bool = False, progress: bo
                 print(f"{name}: {stem}", file=sys.stderr, flush=True)
         sections = ("interior",) if exclude_border else SECTIONS
         entry = {"name": name, "path": pred_arg, "summary": {s: pool(results, s) for s in sections},
-                 "errors": pool_errors(results), "files": files, "_dice": per_cell_dice(results, exclude_border=exclude_border)}
+                 "errors": pool_errors(results), "files": files,
+                 "_dice": per_cell_dice(results, exclude_border=exclude_border)}
         report["predictions"].append(entry)
     return report
 

@@ -420,6 +420,18 @@ GT_ERRORS = ("missed", "merged", "split", "other")
 PRED_ERRORS = ("background", "merge", "fragment", "other")
 
 
+def _first_kind(cells, tests):
+    """Counts of ``cells`` (a mask) by the first of ``tests`` ((kind, mask) ...) each meets; the
+    rest count as "other"."""
+    left = cells.copy()
+    counts = {}
+    for kind, hit in tests:
+        counts[kind] = int((left & hit).sum())
+        left &= ~hit
+    counts["other"] = int(left.sum())
+    return counts
+
+
 def error_breakdown(gt, pred, *, threshold: float = 0.5, exclude_border: bool = False) -> dict:
     """Why cells go unmatched at IoU ``threshold`` (the errors behind AP = TP / (TP + FP + FN)).
 
@@ -460,25 +472,17 @@ def error_breakdown(gt, pred, *, threshold: float = 0.5, exclude_border: bool = 
     best_holds = np.zeros(table.n_gt, np.int64)
     has = best >= 0
     best_holds[has] = n_held[pi[best[has]]]
-    kinds = {}
-    left = g_un.copy()
-    for kind, hit in (("missed", covered < 0.5 * table.gt_sizes), ("merged", best_holds >= 2),
-                      ("split", n_holders >= 2), ("other", np.ones(table.n_gt, bool))):
-        kinds[kind] = left & hit
-        left &= ~hit
     out = {"threshold": th, "gt": {"cells": int(table.n_gt), "matched": int(len(g_m))},
            "pred": {"cells": int(table.n_pred), "matched": int(len(p_m))}}
-    out["gt"].update({k: int(v.sum()) for k, v in kinds.items()})
+    out["gt"].update(_first_kind(g_un, (("missed", covered < 0.5 * table.gt_sizes), ("merged", best_holds >= 2),
+                                        ("split", n_holders >= 2))))
     in_gt = np.bincount(pi, weights=inter, minlength=table.n_pred)
     best_g = table.best_gt_for_pred("intersection")
     most = np.zeros(table.n_pred)
     has = best_g >= 0
     most[has] = inter[best_g[has]]
-    left = p_un.copy()
-    for kind, hit in (("background", in_gt < 0.5 * table.pred_sizes), ("merge", n_held >= 2),
-                      ("fragment", most >= 0.5 * table.pred_sizes), ("other", np.ones(table.n_pred, bool))):
-        out["pred"][kind] = int((left & hit).sum())
-        left &= ~hit
+    out["pred"].update(_first_kind(p_un, (("background", in_gt < 0.5 * table.pred_sizes), ("merge", n_held >= 2),
+                                          ("fragment", most >= 0.5 * table.pred_sizes))))
     return out
 
 

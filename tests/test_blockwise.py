@@ -364,8 +364,8 @@ def test_planner_halos_and_refusals(tmp_path):
                        item("item_0005", "FlowReconstructionFilter",
                             [("item_0001", 1), ("item_0002", 1), ("item_0003", 1), ("item_0004", 1)],
                             params=dict(RECON, Interpolation="linear")))
-    with pytest.raises(PipelineError, match=r"linear\.xml: item_0005 \(FlowReconstructionFilter\).*Interpolation=linear "
-                                            "cannot be run blockwise"):
+    with pytest.raises(PipelineError, match=r"linear\.xml: item_0005 \(FlowReconstructionFilter\).*"
+                                            "Interpolation=linear cannot be run blockwise"):
         plan_blocks(_plan(linear))
     series = _pipeline(tmp_path, "series", item("item_0001", "ImageReader", [("cmd", 0)],
                                                 params={"UseSeriesReader": 1}),
