@@ -41,8 +41,8 @@ sys.path.insert(0, ROOT)
 
 from c3dseg.diameter import estimate_cell_diameter  # noqa: E402
 from c3dseg.io import read_image, write_image  # noqa: E402
-from c3dseg.evaluation import ArgumentError, match_pairs  # noqa: E402
-from c3dseg.metrics import GT_ERRORS, PRED_ERRORS, error_breakdown, evaluate, mean_cell_dice  # noqa: E402
+from c3dseg.evaluation import ArgumentError, match_pairs, score_pair  # noqa: E402
+from c3dseg.metrics import GT_ERRORS, PRED_ERRORS, sum_breakdowns  # noqa: E402
 from c3dseg.watershed import seeded_watershed  # noqa: E402
 
 PIPELINES = {"tanh": os.path.join(ROOT, "pipelines", "segment.xml"),
@@ -69,10 +69,10 @@ def run_pipeline(pipeline, image, out, extra=()):
 
 
 def score(gt, pred):
-    r = evaluate(gt, pred, border="separate")
-    r["errors"] = error_breakdown(gt, pred)
-    dice = mean_cell_dice(gt, pred, return_per_cell=True)[1]
-    return r, np.asarray(dice, float)
+    """c3d-eval's figures of one volume (one overlap table for all): the metrics with the error
+    breakdown, and the per-cell Dice."""
+    r = score_pair(gt, pred)
+    return r["metrics"], np.asarray(r["dice"], float)
 
 
 def errors_table(rows, sets, methods):
@@ -84,11 +84,7 @@ def errors_table(rows, sets, methods):
     for set_name in sets:
         rs = [r for r in rows if r["set"] == set_name]
         for m in methods:
-            tot = {"gt": {}, "pred": {}}
-            for r in rs:
-                for side in tot:
-                    for k, v in r[f"{m}_errors"][side].items():
-                        tot[side][k] = tot[side].get(k, 0) + v
+            tot = sum_breakdowns(r[f"{m}_errors"] for r in rs)
             g, p = tot["gt"], tot["pred"]
             if not g:
                 continue

@@ -72,13 +72,14 @@ def fit_correction(truth, raw, feats, *, folds=10, intercept_only=False, referen
     brings within 20 %), ``cv_hits`` (the same, each stack predicted by a fit without its fold;
     None for a single stack), ``folds`` and, with ``reference``, ``reference_hits``.
     """
+    truth, raw = np.asarray(truth, np.float64), np.asarray(raw, np.float64)
+    feats = np.asarray(feats, np.float64).reshape(len(truth), len(dm.FEATURES))
     ok = usable(truth, raw, feats)
     n = int(ok.sum())
     if n == 0:
         raise InputError("no stack to fit: every estimate failed (no visible cells) or no truth")
-    feats = np.asarray(feats, np.float64).reshape(len(ok), len(dm.FEATURES))
     x = np.c_[np.ones(n), feats[ok]]
-    y = np.log(np.asarray(truth, np.float64)[ok] / np.asarray(raw, np.float64)[ok])
+    y = np.log(truth[ok] / raw[ok])
     cols = 1 if intercept_only else x.shape[1]
 
     def solve(idx):

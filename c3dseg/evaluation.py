@@ -30,7 +30,7 @@ import sys
 import numpy as np
 
 from .errors import ArgumentError, C3DError, print_error
-from .metrics import GT_ERRORS, PRED_ERRORS
+from .metrics import GT_ERRORS, PRED_ERRORS, sum_breakdowns
 
 THRESHOLDS = (0.5, 0.75, 0.9)
 SECTIONS = ("all", "interior", "border")
@@ -131,13 +131,7 @@ def score_pair(gt: np.ndarray, pred: np.ndarray, *, exclude_border: bool = False
 
 def pool_errors(results: list[dict]) -> dict:
     """The :func:`c3dseg.metrics.error_breakdown` counts of one prediction summed over its files."""
-    out = {"threshold": 0.5, "gt": {}, "pred": {}}
-    for r in results:
-        e = r["metrics"]["errors"]
-        for side in ("gt", "pred"):
-            for k, v in e[side].items():
-                out[side][k] = out[side].get(k, 0) + v
-    return out
+    return sum_breakdowns(r["metrics"]["errors"] for r in results)
 
 
 def format_errors(name: str, e: dict) -> str:

@@ -36,7 +36,7 @@ from .labels import check_labels, compress_labels
 __all__ = [
     "OverlapTable", "overlap_table", "match", "average_precision", "mean_cell_dice",
     "matched_f1", "aggregated_jaccard", "adapted_rand_error", "variation_of_information",
-    "evaluate", "error_breakdown",
+    "evaluate", "error_breakdown", "sum_breakdowns",
 ]
 
 DEFAULT_THRESHOLDS = (0.5, 0.75, 0.9)
@@ -483,6 +483,17 @@ def error_breakdown(gt, pred, *, threshold: float = 0.5, exclude_border: bool = 
     most[has] = inter[best_g[has]]
     out["pred"].update(_first_kind(p_un, (("background", in_gt < 0.5 * table.pred_sizes), ("merge", n_held >= 2),
                                           ("fragment", most >= 0.5 * table.pred_sizes))))
+    return out
+
+
+def sum_breakdowns(breakdowns) -> dict:
+    """:func:`error_breakdown` results of several volumes, counts summed (the first one's threshold)."""
+    out = {"threshold": 0.5, "gt": {}, "pred": {}}
+    for e in breakdowns:
+        out["threshold"] = e["threshold"]
+        for side in ("gt", "pred"):
+            for k, v in e[side].items():
+                out[side][k] = out[side].get(k, 0) + v
     return out
 
 
